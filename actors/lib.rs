@@ -1,0 +1,1 @@
+//! kvcoord: a KV-cache coordinator for LLM inference, as an actor system.

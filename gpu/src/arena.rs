@@ -1,0 +1,282 @@
+//! The L1 arena: page-aligned memory for cached chunk objects, taken from the
+//! backing source in large slabs and handed out by a first-fit allocator.
+//!
+//! This module owns capacity accounting and the free lists. It must never
+//! decide *what* to evict (that is the L1 store's job): when an allocation
+//! does not fit it says so and the caller evicts and retries.
+//!
+//! An [`Allocation`] returns its bytes to the arena when dropped, so memory is
+//! reclaimed exactly when the last holder (the index, or an in-flight copy)
+//! lets go: nothing can leak and nothing can be reused while still read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// Objects are placed on page boundaries (good for DMA and for `memcpy`).
+pub const ARENA_ALIGN: u64 = 4096;
+
+/// One slab of backing memory. Implemented by anonymous host memory here and
+/// by pinned CUDA host memory in the CUDA backend.
+pub trait Slab: Send + Sync {
+    fn ptr(&self) -> *mut u8;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where slabs come from.
+pub trait SlabSource: Send + Sync {
+    /// Allocates `bytes` (a multiple of [`ARENA_ALIGN`]) of page-aligned memory.
+    fn allocate(&self, bytes: usize) -> std::io::Result<Box<dyn Slab>>;
+    /// A short name for logs and stats ("host", "cuda-pinned").
+    fn name(&self) -> &'static str;
+}
+
+/// Anonymous, private host memory (`mmap`), the host backend's slab source.
+pub struct HostSlabs;
+
+struct HostSlab(memmap2::MmapMut);
+
+impl Slab for HostSlab {
+    fn ptr(&self) -> *mut u8 {
+        self.0.as_ptr() as *mut u8
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl SlabSource for HostSlabs {
+    fn allocate(&self, bytes: usize) -> std::io::Result<Box<dyn Slab>> {
+        Ok(Box::new(HostSlab(memmap2::MmapMut::map_anon(bytes)?)))
+    }
+    fn name(&self) -> &'static str {
+        "host"
+    }
+}
+
+struct SlabState {
+    mem: Box<dyn Slab>,
+    /// Free ranges: offset -> length, never adjacent (coalesced on free).
+    free: BTreeMap<u64, u64>,
+}
+
+struct ArenaState {
+    slabs: Vec<SlabState>,
+    slab_bytes: u64,
+    used: u64,
+}
+
+struct ArenaInner {
+    capacity: u64,
+    source: Box<dyn SlabSource>,
+    state: Mutex<ArenaState>,
+}
+
+/// Usage figures for stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArenaUsage {
+    pub capacity: u64,
+    pub used: u64,
+    pub slab_bytes: u64,
+}
+
+/// The L1 arena. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Arena {
+    inner: Arc<ArenaInner>,
+}
+
+/// A run of arena bytes owned by one object; freed on drop.
+pub struct Allocation {
+    arena: Arc<ArenaInner>,
+    slab: usize,
+    offset: u64,
+    reserved: u64,
+    len: u64,
+    ptr: *mut u8,
+}
+
+// SAFETY: an Allocation is a unique claim on `reserved` bytes of a slab that
+// lives as long as the arena (kept alive by the Arc). The raw pointer is only
+// dereferenced by the copy code, which the L1 store orders (one writer before
+// commit, readers only after), so moving or sharing the handle across threads
+// is sound.
+unsafe impl Send for Allocation {}
+// SAFETY: see `Send`; `&Allocation` only exposes the pointer and sizes.
+unsafe impl Sync for Allocation {}
+
+fn round_up(n: u64) -> u64 {
+    n.div_ceil(ARENA_ALIGN) * ARENA_ALIGN
+}
+
+impl Arena {
+    /// An arena of at most `capacity` bytes, taken from `source` in slabs of
+    /// `slab_bytes` (rounded to pages) as they are needed.
+    pub fn new(capacity: u64, slab_bytes: u64, source: Box<dyn SlabSource>) -> Self {
+        let slab_bytes = round_up(slab_bytes.clamp(ARENA_ALIGN, capacity.max(ARENA_ALIGN)));
+        Arena {
+            inner: Arc::new(ArenaInner {
+                capacity,
+                source,
+                state: Mutex::new(ArenaState { slabs: Vec::new(), slab_bytes, used: 0 }),
+            }),
+        }
+    }
+
+    /// A host-memory arena.
+    pub fn host(capacity: u64) -> Self {
+        Self::new(capacity, 256 << 20, Box::new(HostSlabs))
+    }
+
+    pub fn source_name(&self) -> &'static str {
+        self.inner.source.name()
+    }
+
+    pub fn usage(&self) -> ArenaUsage {
+        let st = self.inner.state.lock();
+        ArenaUsage {
+            capacity: self.inner.capacity,
+            used: st.used,
+            slab_bytes: st.slabs.iter().map(|s| s.mem.len() as u64).sum(),
+        }
+    }
+
+    /// Allocates `len` bytes, or `None` when they do not fit (the caller may
+    /// evict and try again). Errors only if the slab source fails.
+    pub fn allocate(&self, len: u64) -> std::io::Result<Option<Allocation>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let need = round_up(len);
+        let mut st = self.inner.state.lock();
+        if st.used + need > self.inner.capacity {
+            return Ok(None);
+        }
+        let found = st
+            .slabs
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.free.iter().find(|(_, &flen)| flen >= need).map(|(&off, &flen)| (i, off, flen)));
+        let (slab, offset, flen) = match found {
+            Some(f) => f,
+            None => {
+                let have: u64 = st.slabs.iter().map(|s| s.mem.len() as u64).sum();
+                let room = self.inner.capacity.saturating_sub(have) / ARENA_ALIGN * ARENA_ALIGN;
+                let size = st.slab_bytes.max(need).min(room);
+                if size < need {
+                    return Ok(None);
+                }
+                let mem = self.inner.source.allocate(size as usize)?;
+                let mut free = BTreeMap::new();
+                free.insert(0, size);
+                st.slabs.push(SlabState { mem, free });
+                (st.slabs.len() - 1, 0, size)
+            }
+        };
+        let s = &mut st.slabs[slab];
+        s.free.remove(&offset);
+        if flen > need {
+            s.free.insert(offset + need, flen - need);
+        }
+        // SAFETY: offset + need <= slab length (it came from a free range of
+        // this slab), so the pointer stays inside the slab's allocation.
+        let ptr = unsafe { s.mem.ptr().add(offset as usize) };
+        st.used += need;
+        Ok(Some(Allocation { arena: self.inner.clone(), slab, offset, reserved: need, len, ptr }))
+    }
+}
+
+impl ArenaInner {
+    fn free(&self, slab: usize, offset: u64, len: u64) {
+        let mut st = self.state.lock();
+        st.used -= len;
+        let free = &mut st.slabs[slab].free;
+        let (mut start, mut size) = (offset, len);
+        if let Some((&poff, &plen)) = free.range(..offset).next_back() {
+            if poff + plen == offset {
+                free.remove(&poff);
+                start = poff;
+                size += plen;
+            }
+        }
+        if let Some(&nlen) = free.get(&(offset + len)) {
+            free.remove(&(offset + len));
+            size += nlen;
+        }
+        free.insert(start, size);
+    }
+}
+
+impl Allocation {
+    /// Length requested by the caller (the object's size).
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes this allocation holds in the arena (page-rounded).
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+    /// Start of the allocation. Reads and writes through it are ordered by
+    /// the L1 store: one writer before commit, any number of readers after.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.arena.free(self.slab, self.offset, self.reserved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocations_are_page_aligned_and_counted() {
+        let a = Arena::new(1 << 20, 1 << 20, Box::new(HostSlabs));
+        let x = a.allocate(100).unwrap().unwrap();
+        assert_eq!(x.as_ptr() as usize % ARENA_ALIGN as usize, 0);
+        assert_eq!(a.usage().used, ARENA_ALIGN);
+        drop(x);
+        assert_eq!(a.usage().used, 0);
+    }
+
+    #[test]
+    fn capacity_is_never_exceeded() {
+        let a = Arena::new(64 * 1024, 16 * 1024, Box::new(HostSlabs));
+        let held: Vec<_> = (0..16).map_while(|_| a.allocate(4096).unwrap()).collect();
+        assert_eq!(held.len(), 16);
+        assert!(a.allocate(1).unwrap().is_none());
+        assert!(a.usage().slab_bytes <= 64 * 1024);
+    }
+
+    #[test]
+    fn freed_neighbours_coalesce_into_one_run() {
+        let a = Arena::new(1 << 20, 1 << 20, Box::new(HostSlabs));
+        let parts: Vec<_> = (0..4).map(|_| a.allocate(256 * 1024).unwrap().unwrap()).collect();
+        assert!(a.allocate(4096).unwrap().is_none());
+        drop(parts);
+        let whole = a.allocate(1 << 20).unwrap();
+        assert!(whole.is_some(), "four freed quarters must coalesce");
+    }
+
+    #[test]
+    fn objects_do_not_overlap() {
+        let a = Arena::new(1 << 20, 256 * 1024, Box::new(HostSlabs));
+        let xs: Vec<_> = (0..8).map(|i| a.allocate(5000 + i * 3000).unwrap().unwrap()).collect();
+        let mut spans: Vec<(usize, usize)> = xs.iter().map(|x| (x.as_ptr() as usize, x.reserved() as usize)).collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! kvcoord-gpu: KV-cache layouts, memory handles, the host (shared-memory)
+//! backend, the L1 arena and the copy engines.
+//!
+//! Nothing here knows about the wire, actors or clients: these are the typed
+//! building blocks that the coordinator's GPU-worker and instance actors use.
+
+pub mod arena;
+pub mod copy;
+pub mod cuda;
+pub mod host;
+pub mod layout;
+pub mod memory;
+
+pub use arena::{Allocation, Arena, ArenaUsage};
+pub use host::{HostKvCache, HostMapping, KvMemory};
+pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError};
+pub use memory::{CudaIpcLayer, MemoryHandle};

@@ -1,0 +1,72 @@
+//! Chunk keys: the rolling hash that names each chunk of a token prefix.
+//! Clients, the server's tests and benchmarks all use this one function, so a
+//! prefix hashes the same everywhere. This module must never see KV bytes.
+//!
+//! `h[i] = blake3(h[i-1] || tokens of chunk i as little-endian u32)`, with
+//! `h[-1] = blake3("kvcoord-chunk-v1" || salt)`. A trailing partial chunk is
+//! not hashed: only whole chunks are cached.
+
+use serde::{Deserialize, Serialize};
+
+/// The 32-byte key of one chunk, which also commits to every token before it.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl std::fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("..")
+    }
+}
+
+/// Hashes the whole chunks of `tokens`, `chunk_tokens` tokens each.
+pub fn chunk_hashes(tokens: &[u32], chunk_tokens: usize, salt: &[u8]) -> Vec<ChunkHash> {
+    assert!(chunk_tokens > 0, "chunk_tokens must be positive");
+    let mut seed = blake3::Hasher::new();
+    seed.update(b"kvcoord-chunk-v1");
+    seed.update(salt);
+    let mut prev = *seed.finalize().as_bytes();
+    tokens
+        .chunks_exact(chunk_tokens)
+        .map(|chunk| {
+            let mut h = blake3::Hasher::new();
+            h.update(&prev);
+            for t in chunk {
+                h.update(&t.to_le_bytes());
+            }
+            prev = *h.finalize().as_bytes();
+            ChunkHash(prev)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_trailing_chunk_is_not_hashed() {
+        assert_eq!(chunk_hashes(&[1; 600], 256, b"").len(), 2);
+    }
+
+    #[test]
+    fn hash_commits_to_the_whole_prefix() {
+        let a: Vec<u32> = (0..512).collect();
+        let mut b = a.clone();
+        b[3] = 99;
+        let (ha, hb) = (chunk_hashes(&a, 256, b""), chunk_hashes(&b, 256, b""));
+        assert_ne!(ha[0], hb[0]);
+        assert_ne!(ha[1], hb[1], "a change in chunk 0 changes every later key");
+    }
+
+    #[test]
+    fn shared_prefix_shares_keys_and_salt_separates() {
+        let a: Vec<u32> = (0..512).collect();
+        let mut b = a.clone();
+        b[300] = 7;
+        assert_eq!(chunk_hashes(&a, 256, b"")[0], chunk_hashes(&b, 256, b"")[0]);
+        assert_ne!(chunk_hashes(&a, 256, b"x")[0], chunk_hashes(&a, 256, b"")[0]);
+    }
+}

@@ -1,0 +1,82 @@
+//! Typed errors of the wire protocol. Every failed request ends in exactly one
+//! of these, and each kind says whether retrying can help.
+//! This module must never decide *when* an error happens, only what it means.
+
+use serde::{Deserialize, Serialize};
+
+/// What went wrong, as both ends of the wire understand it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The instance is not registered with this server (it restarted, or the
+    /// actor that held the registration was restarted): register again.
+    NotRegistered,
+    /// A register for an already registered instance with a different layout,
+    /// or memory that does not match the layout.
+    LayoutMismatch,
+    /// A malformed request: bad block id, wrong counts, empty request, ...
+    InvalidArgument,
+    /// L1 has no room even after evicting everything evictable.
+    OutOfMemory,
+    /// The server (or the connection to it) is not available right now.
+    Unavailable,
+    /// The request's deadline passed before it completed.
+    Timeout,
+    /// The request is not allowed (e.g. fault injection on a server started
+    /// without it, or registering over TCP with a memfd).
+    Unauthorized,
+    /// Client and server speak different protocol versions.
+    ProtocolMismatch,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A bug or an internal failure; details in the message.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether sending the same request again (later, or after registering
+    /// again for `NotRegistered`) can succeed.
+    pub fn is_retriable(self) -> bool {
+        match self {
+            ErrorKind::NotRegistered
+            | ErrorKind::OutOfMemory
+            | ErrorKind::Unavailable
+            | ErrorKind::Timeout
+            | ErrorKind::ShuttingDown => true,
+            ErrorKind::LayoutMismatch
+            | ErrorKind::InvalidArgument
+            | ErrorKind::Unauthorized
+            | ErrorKind::ProtocolMismatch
+            | ErrorKind::Internal => false,
+        }
+    }
+}
+
+/// An error as it travels in a reply: a kind and a human-readable message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct WireError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        WireError { kind, message: message.into() }
+    }
+    pub fn is_retriable(&self) -> bool {
+        self.kind.is_retriable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_kinds_are_retriable() {
+        assert!(ErrorKind::NotRegistered.is_retriable());
+        assert!(ErrorKind::Unavailable.is_retriable());
+        assert!(!ErrorKind::InvalidArgument.is_retriable());
+        assert!(!ErrorKind::ProtocolMismatch.is_retriable());
+    }
+}

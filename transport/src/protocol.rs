@@ -1,0 +1,265 @@
+//! The wire protocol: every frame either end may send, versioned as a whole
+//! by [`PROTOCOL_VERSION`]. The envelope (handshake, request id, deadline,
+//! one reply per request carrying the same id) is final; bodies may grow.
+//!
+//! This module owns the message types only. It must never do I/O (that is
+//! `stream.rs`) nor encode bytes (that is `frame.rs`).
+
+use kvcoord_gpu::{KvLayout, MemoryHandle};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk_hash::ChunkHash;
+use crate::error::WireError;
+
+/// Bumped on any incompatible change to any frame.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A random value chosen at every server start. A client that sees a new
+/// epoch knows the server lost every registration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServerEpoch(pub u64);
+
+impl ServerEpoch {
+    /// A fresh random epoch (never zero, so zero can mean "none yet").
+    pub fn random() -> Self {
+        ServerEpoch(rand::random::<u64>() | 1)
+    }
+}
+
+/// The id a client gives a request; the reply carries it back.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// A lease on the chunks a lookup found, so they stay until retrieved.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub u64);
+
+/// One registered TP rank of one engine: the engine picks `engine` (random at
+/// its start, shared by its ranks); `rank` is the TP rank.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceKey {
+    pub engine: u64,
+    pub rank: u32,
+}
+
+/// First frame from a client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub client: String,
+}
+
+/// Limits the server enforces, told to the client at handshake.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (payload bytes) either end may send.
+    pub max_frame_bytes: u32,
+    /// Most chunks in one store, lookup or retrieve.
+    pub max_chunks_per_request: u32,
+}
+
+/// The server's answer to [`Hello`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub epoch: ServerEpoch,
+    pub chunk_tokens: u32,
+    pub limits: Limits,
+    /// Server name and version, for logs.
+    pub server: String,
+}
+
+/// Everything a client sends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ClientFrame {
+    Hello(Hello),
+    Request(Request),
+}
+
+/// Everything a server sends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ServerFrame {
+    Welcome(Welcome),
+    /// The handshake was refused (e.g. protocol mismatch); the server closes.
+    Refused(WireError),
+    Reply(Reply),
+    /// The client sent a frame the server could not decode; the server closes.
+    Undecodable(WireError),
+}
+
+/// A request: an id, a time budget, and what to do.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub id: RequestId,
+    /// Milliseconds the client will wait, counted from when it sent the
+    /// request. The server gives up (and replies `Timeout`) after that.
+    pub deadline_ms: u32,
+    pub body: RequestBody,
+}
+
+/// The reply to exactly one request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub id: RequestId,
+    pub result: Result<ReplyBody, WireError>,
+}
+
+/// Register one TP rank's KV cache.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RegisterKvCache {
+    pub instance: InstanceKey,
+    pub model: String,
+    pub world_size: u32,
+    pub layout: KvLayout,
+    pub memory: MemoryHandle,
+}
+
+/// Store chunks: `block_ids` holds `blocks_per_chunk` ids per chunk, in order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoreChunks {
+    pub instance: InstanceKey,
+    pub chunks: Vec<ChunkHash>,
+    pub block_ids: Vec<u32>,
+    /// CUDA backend: IPC handle of the engine's "KV ready" event to wait on.
+    pub ready_event: Option<Vec<u8>>,
+}
+
+/// How many leading chunks of a prefix are held for every rank.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LookupPrefix {
+    pub instance: InstanceKey,
+    pub chunks: Vec<ChunkHash>,
+    /// Take a lease on the chunks found (for every rank), released by their
+    /// retrieve, by `ReleaseLease`, or when its time-to-live runs out.
+    pub lease: bool,
+}
+
+/// Copy chunks back into blocks; `block_ids` as in [`StoreChunks`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RetrieveChunks {
+    pub instance: InstanceKey,
+    pub chunks: Vec<ChunkHash>,
+    pub block_ids: Vec<u32>,
+    /// The lookup's lease; this rank's share of it is released after the copy.
+    pub lease: Option<LeaseId>,
+}
+
+/// Actors a fault-injection request can kill (only on a server started with
+/// fault injection enabled).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum FaultTarget {
+    /// The GPU-worker actor (copy lane / device) with this index.
+    GpuWorker(u32),
+    /// The instance actor of this registration.
+    Instance(InstanceKey),
+}
+
+/// What a request asks for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum RequestBody {
+    Ping,
+    Register(RegisterKvCache),
+    Unregister { instance: InstanceKey },
+    Store(StoreChunks),
+    Lookup(LookupPrefix),
+    Retrieve(RetrieveChunks),
+    ReleaseLease { lease: LeaseId },
+    Clear,
+    Stats,
+    InjectFault(FaultTarget),
+}
+
+impl RequestBody {
+    /// A short name for logs and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            RequestBody::Ping => "ping",
+            RequestBody::Register(_) => "register",
+            RequestBody::Unregister { .. } => "unregister",
+            RequestBody::Store(_) => "store",
+            RequestBody::Lookup(_) => "lookup",
+            RequestBody::Retrieve(_) => "retrieve",
+            RequestBody::ReleaseLease { .. } => "release_lease",
+            RequestBody::Clear => "clear",
+            RequestBody::Stats => "stats",
+            RequestBody::InjectFault(_) => "inject_fault",
+        }
+    }
+
+    /// File descriptors that must travel with this request's frame.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            RequestBody::Register(RegisterKvCache { memory: MemoryHandle::HostFd { .. }, .. }) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// Per-chunk result of a store.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Stored,
+    AlreadyPresent,
+    SkippedNoMemory,
+}
+
+/// Per-chunk result of a retrieve.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetrieveOutcome {
+    Retrieved,
+    Missing,
+}
+
+/// Counters and gauges of a running server.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    pub epoch: u64,
+    pub uptime_ms: u64,
+    pub backend: String,
+    pub sessions: u64,
+    pub instances: u64,
+    pub mapped_bytes: u64,
+    pub l1_capacity: u64,
+    pub l1_used: u64,
+    pub objects: u64,
+    pub writing_objects: u64,
+    pub evictions: u64,
+    pub leases: u64,
+    pub pinned_objects: u64,
+    pub stores: u64,
+    pub retrieves: u64,
+    pub lookups: u64,
+    pub lookup_asked_chunks: u64,
+    pub lookup_hit_chunks: u64,
+    pub bytes_stored: u64,
+    pub bytes_retrieved: u64,
+    pub registrations: u64,
+    pub actor_restarts: u64,
+    pub reclaimed_instances: u64,
+}
+
+/// What a successful request returns.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum ReplyBody {
+    Pong {
+        epoch: ServerEpoch,
+    },
+    /// `already`: the same layout was registered before (idempotent).
+    Registered {
+        already: bool,
+    },
+    Unregistered,
+    Stored(Vec<StoreOutcome>),
+    /// `chunks` leading chunks are held for every rank of the world size.
+    Found {
+        chunks: u32,
+        lease: Option<LeaseId>,
+    },
+    Retrieved(Vec<RetrieveOutcome>),
+    LeaseReleased,
+    Cleared {
+        objects: u64,
+    },
+    Stats(Box<ServerStats>),
+    FaultInjected,
+}
