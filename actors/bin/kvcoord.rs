@@ -1,5 +1,164 @@
-//! The `kvcoord` command.
-fn main() {
-    eprintln!("kvcoord: not implemented yet (the coordinator lands with the coordinator issue)");
-    std::process::exit(2);
+//! The `kvcoord` command: `serve` runs the standalone coordinator, `demo`
+//! runs the main job end to end (with a server restart in the middle), and
+//! the hidden `load` runs one TP worker client process (for tests).
+
+mod demo;
+mod load;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kvcoord::config::{BackendChoice, LogFormat, ServerConfig};
+use kvcoord::Coordinator;
+
+#[derive(Parser)]
+#[command(name = "kvcoord", version, about = "A KV-cache coordinator for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Run the main job on an embedded default: a coordinator child process,
+    /// TP worker clients, a prefix-caching workload, and a SIGKILL + restart
+    /// of the coordinator in the middle.
+    Demo(demo::DemoArgs),
+    /// One TP worker client process storing in a loop (used by tests).
+    #[command(hide = true)]
+    Load(load::LoadArgs),
+}
+
+/// `kvcoord serve` options; each overrides the config file's value.
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// TOML configuration file (keys as in `--print-config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unix socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also listen on this TCP address (host:port).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// L1 capacity, e.g. `4GiB`.
+    #[arg(long)]
+    l1_size: Option<bytesize::ByteSize>,
+    /// Tokens per chunk.
+    #[arg(long)]
+    chunk_tokens: Option<u32>,
+    #[arg(long, value_enum)]
+    backend: Option<BackendChoice>,
+    /// Copy lanes (GPU-worker actors) of the host backend.
+    #[arg(long)]
+    copy_lanes: Option<u32>,
+    /// Milliseconds a closed connection's instances are kept.
+    #[arg(long)]
+    grace_ms: Option<u64>,
+    /// Milliseconds a lookup lease lives at most.
+    #[arg(long)]
+    lease_ttl_ms: Option<u64>,
+    /// Milliseconds a graceful shutdown waits for in-flight requests.
+    #[arg(long)]
+    shutdown_timeout_ms: Option<u64>,
+    /// Accept fault-injection requests (for tests; never in production).
+    #[arg(long)]
+    enable_fault_injection: bool,
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl ServeArgs {
+    fn resolve(&self) -> Result<ServerConfig, kvcoord::config::ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => ServerConfig::from_toml_file(path)?,
+            None => ServerConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
+        }
+        set!(
+            socket,
+            l1_size,
+            chunk_tokens,
+            backend,
+            copy_lanes,
+            grace_ms,
+            lease_ttl_ms,
+            shutdown_timeout_ms,
+            log_format
+        );
+        if self.tcp.is_some() {
+            c.tcp = self.tcp.clone();
+        }
+        if self.enable_fault_injection {
+            c.fault_injection = true;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvcoord: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config).expect("the configuration serialises"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
+    let system = actix_rt::System::new();
+    let result: Result<(), String> = system.block_on(async move {
+        let coordinator = Coordinator::start(config).await.map_err(|e| e.to_string())?;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        coordinator.shutdown().await;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "kvcoord failed");
+            eprintln!("kvcoord: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Load(args) => load::run(args),
+    };
+    // Copy-lane arbiter threads need no orderly join at exit.
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
 }

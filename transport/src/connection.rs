@@ -23,7 +23,7 @@ use crate::error::{ErrorKind, WireError};
 use crate::frame::{self, FrameError};
 use crate::handshake::{self, HandshakeError};
 use crate::protocol::{ClientFrame, ReplyBody, Request, RequestBody, RequestId, ServerEpoch, ServerFrame, Welcome};
-use crate::stream::{FrameReader, FrameWriter};
+use crate::stream::{write_loop, FrameReader, FrameWriter, OutFrame};
 
 /// How a request failed, seen from the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,15 +106,10 @@ struct InFlight {
     waiters: HashMap<u64, Completion>,
 }
 
-struct Outgoing {
-    bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
-}
-
 /// A live connection. Dropping the last handle closes it.
 pub struct Connection {
     welcome: Welcome,
-    outgoing: mpsc::UnboundedSender<Outgoing>,
+    outgoing: mpsc::UnboundedSender<OutFrame>,
     in_flight: Arc<Mutex<InFlight>>,
     next_id: AtomicU64,
     max_frame: u32,
@@ -229,7 +224,7 @@ impl Connection {
             f.waiters.insert(id, tx);
         }
         let _guard = WaiterGuard { in_flight: &self.in_flight, id };
-        if self.outgoing.send(Outgoing { bytes, fds }).is_err() {
+        if self.outgoing.send(OutFrame { bytes, fds }).is_err() {
             return Err(RequestError::ConnectionLost);
         }
         match tokio::time::timeout(timeout, rx).await {
@@ -271,7 +266,7 @@ fn fail_all(in_flight: &Mutex<InFlight>) {
 async fn run_io(
     mut reader: FrameReader,
     writer: FrameWriter,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    rx: mpsc::UnboundedReceiver<OutFrame>,
     in_flight: Arc<Mutex<InFlight>>,
     mut shutdown: watch::Receiver<bool>,
     dead: watch::Sender<bool>,
@@ -309,31 +304,4 @@ async fn run_io(
     }
     fail_all(&in_flight);
     let _ = dead.send(true);
-}
-
-/// Writes queued frames, coalescing whatever is queued into one write.
-async fn write_loop(mut writer: FrameWriter, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut batch = Vec::with_capacity(64);
-    let mut bytes = Vec::with_capacity(64 * 1024);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        for out in batch.drain(..) {
-            if out.fds.is_empty() {
-                bytes.extend_from_slice(&out.bytes);
-                continue;
-            }
-            if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
-                return;
-            }
-            bytes.clear();
-            let fds: Vec<_> = out.fds.iter().map(|f| std::os::fd::AsFd::as_fd(f)).collect();
-            if let Err(e) = writer.write_with_fds(&out.bytes, &fds).await {
-                tracing::debug!(error = %e, "write with descriptors failed");
-                return;
-            }
-        }
-        if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
-            return;
-        }
-        bytes.clear();
-    }
 }

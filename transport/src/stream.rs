@@ -229,3 +229,40 @@ impl FrameWriter {
         Ok(())
     }
 }
+
+/// One encoded frame waiting to be written, with the descriptors it carries.
+pub struct OutFrame {
+    pub bytes: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Writes queued frames until the queue closes or a write fails, coalescing
+/// whatever is queued into one write (frames with descriptors go alone).
+pub async fn write_loop(mut writer: FrameWriter, mut rx: tokio::sync::mpsc::UnboundedReceiver<OutFrame>) {
+    let mut batch = Vec::with_capacity(64);
+    let mut bytes = Vec::with_capacity(64 * 1024);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for out in batch.drain(..) {
+            if out.fds.is_empty() {
+                bytes.extend_from_slice(&out.bytes);
+                continue;
+            }
+            if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
+                return;
+            }
+            bytes.clear();
+            let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+            if let Err(e) = writer.write_with_fds(&out.bytes, &fds).await {
+                tracing::debug!(error = %e, "write with descriptors failed");
+                return;
+            }
+        }
+        if !bytes.is_empty() && writer.write_all(&bytes).await.is_err() {
+            return;
+        }
+        bytes.clear();
+        if bytes.capacity() > 4 << 20 {
+            bytes = Vec::with_capacity(64 * 1024);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The coordinator's configuration: defaults, the TOML file, and validation.
+//! Flags (in the binary) override the file, which overrides the defaults.
+//! This module must never start anything.
+
+use std::path::PathBuf;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Which copy backend serves registered memory.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// CUDA when a driver is present, else the host backend.
+    Auto,
+    /// Shared-memory KV caches, CPU copies.
+    Host,
+    /// CUDA IPC KV caches, GPU copies.
+    Cuda,
+}
+
+/// Log line format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Everything a coordinator needs to start.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Unix socket path clients connect to.
+    pub socket: PathBuf,
+    /// Optional TCP address (`host:port`) as well.
+    pub tcp: Option<String>,
+    /// L1 capacity.
+    pub l1_size: ByteSize,
+    /// Tokens per chunk (a whole number of every layout's blocks).
+    pub chunk_tokens: u32,
+    pub backend: BackendChoice,
+    /// Copy lanes (GPU-worker actors) of the host backend.
+    pub copy_lanes: u32,
+    /// How long a closed connection's instances are kept for a reconnect.
+    pub grace_ms: u64,
+    /// How long a lookup's lease pins its chunks at most.
+    pub lease_ttl_ms: u64,
+    pub max_frame_bytes: u32,
+    pub max_chunks_per_request: u32,
+    /// Upper bound on any request's deadline.
+    pub max_deadline_ms: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout_ms: u64,
+    /// Accept fault-injection requests (tests only).
+    pub fault_injection: bool,
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket: PathBuf::from("/tmp/kvcoord.sock"),
+            tcp: None,
+            l1_size: ByteSize::gib(1),
+            chunk_tokens: 256,
+            backend: BackendChoice::Auto,
+            copy_lanes: 2,
+            grace_ms: 5_000,
+            lease_ttl_ms: 10_000,
+            max_frame_bytes: kvcoord_transport::frame::DEFAULT_MAX_FRAME_BYTES,
+            max_chunks_per_request: 4096,
+            max_deadline_ms: 120_000,
+            shutdown_timeout_ms: 5_000,
+            fault_injection: false,
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// A configuration value that cannot be used; names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration `{key}`: {why}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub why: String,
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; keys not given keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { key: "config", why: format!("{}: {e}", path.display()) })?;
+        toml::from_str(&text).map_err(|e| ConfigError { key: "config", why: format!("{}: {e}", path.display()) })
+    }
+
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: &str| Err(ConfigError { key, why: why.to_string() });
+        if self.chunk_tokens == 0 {
+            return bad("chunk_tokens", "must be positive");
+        }
+        if !(1..=64).contains(&self.copy_lanes) {
+            return bad("copy_lanes", "must be between 1 and 64");
+        }
+        if self.l1_size.as_u64() < (1 << 20) {
+            return bad("l1_size", "must be at least 1 MiB");
+        }
+        if self.max_frame_bytes < 4096 || self.max_frame_bytes > kvcoord_transport::frame::HARD_MAX_FRAME_BYTES {
+            return bad("max_frame_bytes", "must be between 4 KiB and 64 MiB");
+        }
+        if self.max_chunks_per_request == 0 {
+            return bad("max_chunks_per_request", "must be positive");
+        }
+        if self.socket.as_os_str().is_empty() {
+            return bad("socket", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_only_what_it_names() {
+        let c: ServerConfig = toml::from_str("l1_size = \"64MiB\"\nchunk_tokens = 128").unwrap();
+        assert_eq!(c.l1_size, ByteSize::mib(64));
+        assert_eq!(c.chunk_tokens, 128);
+        assert_eq!(c.copy_lanes, ServerConfig::default().copy_lanes);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        assert!(toml::from_str::<ServerConfig>("l1_sise = 3").unwrap_err().to_string().contains("l1_sise"));
+        let c = ServerConfig { copy_lanes: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "copy_lanes");
+    }
+}

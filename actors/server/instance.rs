@@ -1,0 +1,197 @@
+//! The instance actor: one per registered TP rank. It holds the rank's layout
+//! and opened memory, validates every store and retrieve against the layout,
+//! reserves or reads L1 objects, and hands the copy to its GPU worker.
+//!
+//! It must never copy bytes itself nor run a copy past its deadline. Its
+//! memory is shared with in-flight jobs through an `Arc`, so when the
+//! instance goes away the memory is released only after those copies finish.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use kvcoord_gpu::{ChunkBlocks, KvLayout};
+use kvcoord_transport::{
+    ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
+};
+
+use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob};
+use super::l1::{ModelId, ObjectKey, Reservation};
+use super::state::{Counters, ServerShared};
+use super::supervision::{ChildExited, DeathNotice};
+
+/// Store these chunks from these blocks.
+#[derive(Message)]
+#[rtype(result = "Result<ReplyBody, WireError>")]
+pub struct StoreChunks {
+    pub chunks: Vec<ChunkHash>,
+    pub block_ids: Vec<u32>,
+    pub gate: Arc<JobGate>,
+}
+
+/// Retrieve these chunks into these blocks.
+#[derive(Message)]
+#[rtype(result = "Result<ReplyBody, WireError>")]
+pub struct RetrieveChunks {
+    pub chunks: Vec<ChunkHash>,
+    pub block_ids: Vec<u32>,
+    pub lease: Option<LeaseId>,
+    pub gate: Arc<JobGate>,
+}
+
+/// Stop (unregistered or reclaimed).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+/// Fault injection: panic inside a handler.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CrashInstance;
+
+pub struct InstanceActor {
+    pub key: InstanceKey,
+    pub model: ModelId,
+    pub layout: KvLayout,
+    pub chunk_tokens: u32,
+    pub memory: OpenedMemory,
+    pub worker: Addr<GpuWorker>,
+    pub shared: Arc<ServerShared>,
+    notice: DeathNotice,
+}
+
+impl InstanceActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: InstanceKey,
+        model: ModelId,
+        layout: KvLayout,
+        chunk_tokens: u32,
+        memory: OpenedMemory,
+        worker: Addr<GpuWorker>,
+        shared: Arc<ServerShared>,
+        supervisor: Recipient<ChildExited>,
+        generation: u64,
+    ) -> Self {
+        let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
+        InstanceActor { key, model, layout, chunk_tokens, memory, worker, shared, notice }
+    }
+
+    fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
+        if chunks.is_empty() {
+            return Err(WireError::new(ErrorKind::InvalidArgument, "request names no chunks"));
+        }
+        self.layout
+            .chunk_blocks(self.chunk_tokens, chunks.len(), block_ids)
+            .map_err(|e| WireError::new(ErrorKind::InvalidArgument, e.to_string()))
+    }
+
+    fn object_key(&self, hash: ChunkHash) -> ObjectKey {
+        ObjectKey { model: self.model, rank: self.key.rank, hash }
+    }
+}
+
+impl Actor for InstanceActor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        let _ = &self.notice;
+        tracing::debug!(engine = self.key.engine, rank = self.key.rank, "instance actor stopped");
+    }
+}
+
+fn worker_gone(_: MailboxError) -> WireError {
+    WireError::new(ErrorKind::Unavailable, "the copy worker restarted; retry")
+}
+
+impl Handler<StoreChunks> for InstanceActor {
+    type Result = ResponseFuture<Result<ReplyBody, WireError>>;
+
+    fn handle(&mut self, msg: StoreChunks, _: &mut Self::Context) -> Self::Result {
+        let prepared = (|| {
+            let blocks = self.validate(&msg.chunks, &msg.block_ids)?;
+            let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
+            let mut tickets = Vec::with_capacity(msg.chunks.len());
+            let mut outcomes = Vec::with_capacity(msg.chunks.len());
+            for &hash in &msg.chunks {
+                let r = self
+                    .shared
+                    .l1
+                    .reserve(self.object_key(hash), bytes)
+                    .map_err(|e| WireError::new(ErrorKind::Internal, format!("L1 memory could not grow: {e}")))?;
+                match r {
+                    Reservation::Write(t) => {
+                        tickets.push(Some(t));
+                        outcomes.push(StoreOutcome::Stored);
+                    }
+                    Reservation::AlreadyPresent => {
+                        tickets.push(None);
+                        outcomes.push(StoreOutcome::AlreadyPresent);
+                    }
+                    Reservation::NoSpace => {
+                        tickets.push(None);
+                        outcomes.push(StoreOutcome::SkippedNoMemory);
+                    }
+                }
+            }
+            Ok(GatherJob {
+                layout: self.layout,
+                memory: self.memory.clone(),
+                blocks,
+                tickets,
+                outcomes,
+                gate: msg.gate,
+            })
+        })();
+        let (worker, shared) = (self.worker.clone(), self.shared.clone());
+        Box::pin(async move {
+            let job = prepared?;
+            if job.tickets.iter().all(Option::is_none) {
+                return Ok(ReplyBody::Stored(job.outcomes));
+            }
+            let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
+            Counters::add(&shared.counters.bytes_stored, bytes);
+            Ok(ReplyBody::Stored(outcomes))
+        })
+    }
+}
+
+impl Handler<RetrieveChunks> for InstanceActor {
+    type Result = ResponseFuture<Result<ReplyBody, WireError>>;
+
+    fn handle(&mut self, msg: RetrieveChunks, _: &mut Self::Context) -> Self::Result {
+        let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
+            let objects = msg.chunks.iter().map(|&h| self.shared.l1.read(&self.object_key(h))).collect();
+            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, gate: msg.gate }
+        });
+        let (worker, shared, rank, lease) = (self.worker.clone(), self.shared.clone(), self.key.rank, msg.lease);
+        Box::pin(async move {
+            let job = prepared?;
+            let result = if job.objects.iter().all(Option::is_none) {
+                Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
+            } else {
+                worker.send(job).await.map_err(worker_gone)?.map(|(o, bytes)| {
+                    Counters::add(&shared.counters.bytes_retrieved, bytes);
+                    o
+                })
+            };
+            if let Some(lease) = lease {
+                shared.l1.release_rank(lease, rank);
+            }
+            Ok(ReplyBody::Retrieved(result?))
+        })
+    }
+}
+
+impl Handler<Retire> for InstanceActor {
+    type Result = ();
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<CrashInstance> for InstanceActor {
+    type Result = ();
+    fn handle(&mut self, _: CrashInstance, _: &mut Self::Context) {
+        panic!("injected fault: instance {:?} crashes", self.key);
+    }
+}

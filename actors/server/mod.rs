@@ -1,0 +1,214 @@
+//! The coordinator: starting the actor system's server side inside an actix
+//! `System` (the standalone binary and embedding applications use the same
+//! entry point), accepting connections, and shutting down gracefully.
+//!
+//! ```text
+//!   clients ──frames──> Session (one per connection) ──┬─> L1Store (lookups, leases: shared state)
+//!                                                      ├─> InstanceActor (one per TP rank) ──> GpuWorker (own thread)
+//!                                                      └─> Supervisor (registry, epoch, child lifetimes)
+//! ```
+
+pub mod gpu_worker;
+pub mod instance;
+pub mod l1;
+pub mod requests;
+pub mod session;
+pub mod state;
+pub mod supervision;
+pub mod supervisor;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use kvcoord_gpu::Arena;
+use kvcoord_transport::stream::write_loop;
+use kvcoord_transport::{
+    handshake, Endpoint, ErrorKind, Limits, Listener, ServerEpoch, ServerFrame, ServerStats, Welcome, WireError,
+    PROTOCOL_VERSION,
+};
+use tokio::sync::watch;
+
+use crate::config::{BackendChoice, ServerConfig};
+use l1::L1Store;
+use session::Session;
+use state::{Counters, ServerShared};
+use supervisor::{GetStats, Supervisor};
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {endpoint}: {source}")]
+    Bind { endpoint: String, source: std::io::Error },
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+/// A running coordinator. Must be used inside the actix `System` it was
+/// started in.
+pub struct Coordinator {
+    shared: Arc<ServerShared>,
+    supervisor: Addr<Supervisor>,
+    endpoints: Vec<Endpoint>,
+    stop_accepting: watch::Sender<bool>,
+}
+
+fn pick_backend(choice: BackendChoice) -> Result<&'static str, StartError> {
+    let driver = kvcoord_gpu::cuda::driver_present();
+    match choice {
+        BackendChoice::Host => Ok("host"),
+        BackendChoice::Auto if !driver => {
+            tracing::info!("no CUDA driver found; using the host backend");
+            Ok("host")
+        }
+        BackendChoice::Auto => {
+            tracing::warn!(
+                "a CUDA driver is present but this build has no CUDA copy backend yet; using the host backend"
+            );
+            Ok("host")
+        }
+        BackendChoice::Cuda => Err(StartError::Backend(
+            "the CUDA backend is not implemented in this build; use --backend host or auto".into(),
+        )),
+    }
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+impl Coordinator {
+    /// Starts a coordinator: supervisor, GPU workers, listeners. Call inside
+    /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
+    pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
+        config.validate()?;
+        let backend = pick_backend(config.backend)?;
+        let epoch = ServerEpoch::random();
+        let l1 = L1Store::new(Arena::host(config.l1_size.as_u64()), Duration::from_millis(config.lease_ttl_ms));
+        let mut listeners = vec![Self::bind(&Endpoint::Unix(config.socket.clone())).await?];
+        if let Some(tcp) = &config.tcp {
+            listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone())).await?);
+        }
+        let shared = Arc::new(ServerShared {
+            epoch,
+            config,
+            backend,
+            l1,
+            routes: DashMap::new(),
+            counters: Counters::default(),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            sessions: AtomicU64::new(0),
+            mapped_bytes: AtomicU64::new(0),
+        });
+        let supervisor = Supervisor::new(shared.clone()).start();
+        let (stop_accepting, stop_rx) = watch::channel(false);
+        let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
+        for listener in listeners {
+            actix_rt::spawn(accept_loop(listener, shared.clone(), supervisor.clone(), stop_rx.clone()));
+        }
+        tracing::info!(
+            epoch = epoch.0, backend, endpoints = ?endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            l1_bytes = shared.config.l1_size.as_u64(), chunk_tokens = shared.config.chunk_tokens,
+            "kvcoord listening"
+        );
+        Ok(Coordinator { shared, supervisor, endpoints, stop_accepting })
+    }
+
+    async fn bind(endpoint: &Endpoint) -> Result<Listener, StartError> {
+        Listener::bind(endpoint).await.map_err(|source| StartError::Bind { endpoint: endpoint.to_string(), source })
+    }
+
+    pub fn epoch(&self) -> ServerEpoch {
+        self.shared.epoch
+    }
+
+    /// The endpoints actually listened on (Unix socket first).
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    pub async fn stats(&self) -> Option<ServerStats> {
+        self.supervisor.send(GetStats).await.ok()
+    }
+
+    /// Graceful shutdown: stop accepting, answer new requests with
+    /// `ShuttingDown`, and wait (at most the configured time) for in-flight
+    /// requests to finish. Returns how many were still running at the end.
+    pub async fn shutdown(&self) -> usize {
+        tracing::info!("shutting down");
+        self.shared.shutting_down.store(true, Ordering::Release);
+        let _ = self.stop_accepting.send(true);
+        let limit = Instant::now() + Duration::from_millis(self.shared.config.shutdown_timeout_ms);
+        while self.shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < limit {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let left = self.shared.in_flight.load(Ordering::Acquire);
+        tracing::info!(unfinished = left, "shutdown complete");
+        left
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<ServerShared>,
+    supervisor: Addr<Supervisor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let max = shared.config.max_frame_bytes;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept(max) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((reader, writer, peer)) => {
+                actix_rt::spawn(open_session(reader, writer, peer, shared.clone(), supervisor.clone()));
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn open_session(
+    mut reader: kvcoord_transport::stream::FrameReader,
+    mut writer: kvcoord_transport::stream::FrameWriter,
+    peer: String,
+    shared: Arc<ServerShared>,
+    supervisor: Addr<Supervisor>,
+) {
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        epoch: shared.epoch,
+        chunk_tokens: shared.config.chunk_tokens,
+        limits: Limits {
+            max_frame_bytes: shared.config.max_frame_bytes,
+            max_chunks_per_request: shared.config.max_chunks_per_request,
+        },
+        server: format!("kvcoord/{}", env!("CARGO_PKG_VERSION")),
+    };
+    if shared.is_shutting_down() {
+        let e = WireError::new(ErrorKind::ShuttingDown, "the coordinator is shutting down");
+        let _ = writer.send(&ServerFrame::Refused(e)).await;
+        return;
+    }
+    let hello = match handshake::welcome(&mut reader, &mut writer, &welcome, Duration::from_secs(5)).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(session = id, peer, client = %hello.client, "client connected");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    actix_rt::spawn(write_loop(writer, rx));
+    Session::start(id, peer, reader, tx, shared, supervisor);
+}

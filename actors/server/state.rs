@@ -1,0 +1,94 @@
+//! State every server actor and session reads: the epoch, configuration, the
+//! L1 store, the routing table of registered instances, and the counters.
+//!
+//! The routing table is written only by the supervisor; sessions read it to
+//! send a request straight to its instance actor. This module must never
+//! decide anything: it only holds what others decide.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Addr;
+use dashmap::DashMap;
+use kvcoord_transport::{InstanceKey, ServerEpoch};
+
+use super::instance::InstanceActor;
+use super::l1::{L1Store, ModelId};
+use crate::config::ServerConfig;
+
+/// Where requests for one registered instance go.
+#[derive(Clone)]
+pub struct InstanceRoute {
+    pub addr: Addr<InstanceActor>,
+    pub model: ModelId,
+    pub world_size: u32,
+    pub rank: u32,
+}
+
+/// Monotonic counters (exported in stats).
+#[derive(Default)]
+pub struct Counters {
+    pub stores: AtomicU64,
+    pub retrieves: AtomicU64,
+    pub lookups: AtomicU64,
+    pub lookup_asked_chunks: AtomicU64,
+    pub lookup_hit_chunks: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub bytes_retrieved: AtomicU64,
+    pub registrations: AtomicU64,
+    pub actor_restarts: AtomicU64,
+    pub reclaimed_instances: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared server state. One per running coordinator.
+pub struct ServerShared {
+    pub epoch: ServerEpoch,
+    pub config: ServerConfig,
+    pub backend: &'static str,
+    pub l1: Arc<L1Store>,
+    pub routes: DashMap<InstanceKey, InstanceRoute>,
+    pub counters: Counters,
+    pub started: Instant,
+    pub shutting_down: AtomicBool,
+    pub in_flight: AtomicUsize,
+    pub sessions: AtomicU64,
+    pub mapped_bytes: AtomicU64,
+}
+
+impl ServerShared {
+    /// The route of `key`, cloned out so no map reference is held.
+    pub fn route(&self, key: &InstanceKey) -> Option<InstanceRoute> {
+        self.routes.get(key).map(|r| r.value().clone())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// Counts one request as in flight until dropped (graceful shutdown waits
+/// for the count to reach zero).
+pub struct InFlight(Arc<ServerShared>);
+
+impl InFlight {
+    pub fn new(shared: &Arc<ServerShared>) -> Self {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

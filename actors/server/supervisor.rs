@@ -1,0 +1,388 @@
+//! The supervisor: owns the server epoch's registry of instances and the
+//! lifetime of every child actor (GPU workers and instance actors).
+//!
+//! - A GPU worker that dies (panic or stop) is restarted on a fresh arbiter
+//!   thread, and every instance routed to it is dropped: its memory was
+//!   opened on the dead worker's device context.
+//! - An instance actor that dies has its registration dropped.
+//! In both cases the clients get `NotRegistered` on their next request and
+//! register again; the process stays up.
+//! - A closed session's instances are reclaimed after the grace period unless
+//!   a new connection registers them again first.
+//!
+//! It must never run copies or answer data-path requests itself.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kvcoord_transport::{ErrorKind, FaultTarget, InstanceKey, RegisterKvCache, ReplyBody, ServerStats, WireError};
+
+use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
+use super::instance::{CrashInstance, InstanceActor, Retire};
+use super::l1::ModelId;
+use super::state::{Counters, InstanceRoute, ServerShared};
+use super::supervision::ChildExited;
+
+struct Lane {
+    addr: Addr<GpuWorker>,
+    arbiter: Arbiter,
+    generation: u64,
+}
+
+struct InstanceEntry {
+    addr: Addr<InstanceActor>,
+    generation: u64,
+    owner: u64,
+    orphaned: bool,
+    lane: usize,
+    model_name: String,
+    world_size: u32,
+    layout: kvcoord_gpu::KvLayout,
+    identity: MemoryIdentity,
+}
+
+pub struct Supervisor {
+    shared: Arc<ServerShared>,
+    lanes: Vec<Lane>,
+    instances: HashMap<InstanceKey, InstanceEntry>,
+    next_generation: u64,
+    next_lane: usize,
+}
+
+/// Register one instance (from session `session`).
+#[derive(Message)]
+#[rtype(result = "Result<ReplyBody, WireError>")]
+pub struct Register {
+    pub request: RegisterKvCache,
+    pub fd: Option<OwnedFd>,
+    pub session: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<ReplyBody, WireError>")]
+pub struct Unregister {
+    pub key: InstanceKey,
+}
+
+/// A session's connection closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionClosed {
+    pub session: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Reclaim {
+    key: InstanceKey,
+    session: u64,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<ReplyBody, WireError>")]
+pub struct InjectFault(pub FaultTarget);
+
+#[derive(Message)]
+#[rtype(result = "ServerStats")]
+pub struct GetStats;
+
+impl Supervisor {
+    pub fn new(shared: Arc<ServerShared>) -> Self {
+        Supervisor { shared, lanes: Vec::new(), instances: HashMap::new(), next_generation: 1, next_lane: 0 }
+    }
+
+    fn generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    fn start_lane(&mut self, lane: u32, ctx: &mut Context<Self>) -> Lane {
+        let generation = self.generation();
+        let arbiter = Arbiter::new();
+        let me = ctx.address().recipient();
+        let addr = GpuWorker::start_in_arbiter(&arbiter.handle(), move |_| GpuWorker::new(lane, generation, me));
+        Lane { addr, arbiter, generation }
+    }
+
+    /// Drops a registration: no new request reaches it; requests already
+    /// queued at it fail with `NotRegistered`; its memory is released when
+    /// its in-flight copies end.
+    fn drop_instance(&mut self, key: &InstanceKey, why: &str) {
+        if let Some(e) = self.instances.remove(key) {
+            self.shared.routes.remove(key);
+            self.shared.mapped_bytes.fetch_sub(e.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
+            e.addr.do_send(Retire);
+            tracing::info!(engine = key.engine, rank = key.rank, model = %e.model_name, reason = why, "instance dropped");
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        for lane in 0..self.shared.config.copy_lanes.max(1) {
+            let l = self.start_lane(lane, ctx);
+            self.lanes.push(l);
+        }
+        ctx.run_interval(Duration::from_millis(500), |act, _| {
+            let n = act.shared.l1.expire_leases(Instant::now());
+            if n > 0 {
+                tracing::debug!(leases = n, "expired leases released");
+            }
+        });
+        tracing::info!(epoch = self.shared.epoch.0, lanes = self.lanes.len(), "supervisor started");
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for lane in &self.lanes {
+            lane.arbiter.stop();
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorKind::InvalidArgument, msg)
+}
+
+fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireError> {
+    if r.world_size == 0 || r.instance.rank >= r.world_size {
+        return Err(invalid(format!("rank {} is outside world size {}", r.instance.rank, r.world_size)));
+    }
+    if r.model.is_empty() {
+        return Err(invalid("model name is empty"));
+    }
+    r.layout.validate().map_err(|e| invalid(e.to_string()))?;
+    r.layout.blocks_per_chunk(chunk_tokens).map_err(|e| invalid(e.to_string()))?;
+    match &r.memory {
+        kvcoord_gpu::MemoryHandle::HostFd { size } if *size != r.layout.total_bytes() => Err(WireError::new(
+            ErrorKind::LayoutMismatch,
+            format!("memory of {size} bytes does not match the layout's {} bytes", r.layout.total_bytes()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Handler<Register> for Supervisor {
+    type Result = AtomicResponse<Self, Result<ReplyBody, WireError>>;
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
+        let r = msg.request;
+        let key = r.instance;
+        if let Err(e) = check_register(&r, self.shared.config.chunk_tokens) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        if let Some(e) = self.instances.get(&key) {
+            if e.layout != r.layout || e.model_name != r.model || e.world_size != r.world_size {
+                let err = WireError::new(
+                    ErrorKind::LayoutMismatch,
+                    format!(
+                        "instance {}/{} is registered with model {} (world size {}) and layout {:?}",
+                        key.engine, key.rank, e.model_name, e.world_size, e.layout
+                    ),
+                );
+                return AtomicResponse::new(Box::pin(fut::ready(Err(err))));
+            }
+        }
+        let lane = self.instances.get(&key).map(|e| e.lane).unwrap_or_else(|| {
+            self.next_lane = (self.next_lane + 1) % self.lanes.len();
+            self.next_lane
+        });
+        let open = self.lanes[lane].addr.send(OpenMemory { layout: r.layout, handle: r.memory.clone(), fd: msg.fd });
+        let session = msg.session;
+        AtomicResponse::new(Box::pin(
+            async move { open.await.map_err(|_| WireError::new(ErrorKind::Unavailable, "copy worker restarted")) }
+                .into_actor(self)
+                .map(move |opened, act, ctx| {
+                    let (memory, identity) = opened??;
+                    if let Some(e) = act.instances.get_mut(&key) {
+                        if e.identity == identity {
+                            e.owner = session;
+                            e.orphaned = false;
+                            return Ok(ReplyBody::Registered { already: true });
+                        }
+                        act.drop_instance(&key, "registered again with new memory");
+                    }
+                    let model: ModelId = act.shared.l1.model_id(&r.model, r.world_size);
+                    let generation = act.generation();
+                    let actor = InstanceActor::new(
+                        key,
+                        model,
+                        r.layout,
+                        act.shared.config.chunk_tokens,
+                        memory,
+                        act.lanes[lane].addr.clone(),
+                        act.shared.clone(),
+                        ctx.address().recipient(),
+                        generation,
+                    );
+                    let addr = actor.start();
+                    act.shared.routes.insert(
+                        key,
+                        InstanceRoute { addr: addr.clone(), model, world_size: r.world_size, rank: key.rank },
+                    );
+                    act.shared.mapped_bytes.fetch_add(r.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
+                    Counters::add(&act.shared.counters.registrations, 1);
+                    act.instances.insert(
+                        key,
+                        InstanceEntry {
+                            addr,
+                            generation,
+                            owner: session,
+                            orphaned: false,
+                            lane,
+                            model_name: r.model.clone(),
+                            world_size: r.world_size,
+                            layout: r.layout,
+                            identity,
+                        },
+                    );
+                    tracing::info!(
+                        engine = key.engine, rank = key.rank, model = %r.model, world_size = r.world_size,
+                        session, lane, bytes = r.layout.total_bytes(), "instance registered"
+                    );
+                    Ok(ReplyBody::Registered { already: false })
+                }),
+        ))
+    }
+}
+
+impl Handler<Unregister> for Supervisor {
+    type Result = Result<ReplyBody, WireError>;
+    fn handle(&mut self, msg: Unregister, _: &mut Self::Context) -> Self::Result {
+        if !self.instances.contains_key(&msg.key) {
+            return Err(WireError::new(ErrorKind::NotRegistered, "instance is not registered"));
+        }
+        self.drop_instance(&msg.key, "unregistered");
+        Ok(ReplyBody::Unregistered)
+    }
+}
+
+impl Handler<SessionClosed> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: SessionClosed, ctx: &mut Self::Context) {
+        let grace = Duration::from_millis(self.shared.config.grace_ms);
+        let mut owned = Vec::new();
+        for (key, e) in self.instances.iter_mut().filter(|(_, e)| e.owner == msg.session) {
+            e.orphaned = true;
+            owned.push(*key);
+        }
+        tracing::info!(
+            session = msg.session,
+            instances = owned.len(),
+            grace_ms = grace.as_millis() as u64,
+            "session closed"
+        );
+        for key in owned {
+            ctx.notify_later(Reclaim { key, session: msg.session }, grace);
+        }
+        let session = msg.session;
+        ctx.run_later(grace, move |act, _| {
+            act.shared.l1.release_session(session);
+        });
+    }
+}
+
+impl Handler<Reclaim> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Reclaim, _: &mut Self::Context) {
+        let still_orphaned = self.instances.get(&msg.key).is_some_and(|e| e.owner == msg.session && e.orphaned);
+        if still_orphaned {
+            self.drop_instance(&msg.key, "client gone past the grace period");
+            Counters::add(&self.shared.counters.reclaimed_instances, 1);
+        }
+    }
+}
+
+impl Handler<ChildExited> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: ChildExited, ctx: &mut Self::Context) {
+        match msg {
+            ChildExited::Instance { key, generation } => {
+                if self.instances.get(&key).is_some_and(|e| e.generation == generation) {
+                    tracing::warn!(
+                        engine = key.engine,
+                        rank = key.rank,
+                        "instance actor died; dropping its registration"
+                    );
+                    Counters::add(&self.shared.counters.actor_restarts, 1);
+                    self.drop_instance(&key, "instance actor died");
+                }
+            }
+            ChildExited::Worker { lane, generation } => {
+                let i = lane as usize;
+                if self.lanes.get(i).is_none_or(|l| l.generation != generation) || self.shared.is_shutting_down() {
+                    return;
+                }
+                tracing::warn!(lane, "gpu worker died; restarting it and dropping its instances");
+                Counters::add(&self.shared.counters.actor_restarts, 1);
+                let fresh = self.start_lane(lane, ctx);
+                let old = std::mem::replace(&mut self.lanes[i], fresh);
+                old.arbiter.stop();
+                let affected: Vec<InstanceKey> =
+                    self.instances.iter().filter(|(_, e)| e.lane == i).map(|(k, _)| *k).collect();
+                for key in affected {
+                    self.drop_instance(&key, "its gpu worker died");
+                }
+            }
+        }
+    }
+}
+
+impl Handler<InjectFault> for Supervisor {
+    type Result = Result<ReplyBody, WireError>;
+    fn handle(&mut self, msg: InjectFault, _: &mut Self::Context) -> Self::Result {
+        tracing::warn!(target = ?msg.0, "fault injection");
+        match msg.0 {
+            FaultTarget::GpuWorker(i) => {
+                let lane = self.lanes.get(i as usize).ok_or_else(|| invalid(format!("no gpu worker {i}")))?;
+                lane.addr.do_send(Crash);
+            }
+            FaultTarget::Instance(key) => {
+                let e = self
+                    .instances
+                    .get(&key)
+                    .ok_or_else(|| WireError::new(ErrorKind::NotRegistered, "no such instance"))?;
+                e.addr.do_send(CrashInstance);
+            }
+        }
+        Ok(ReplyBody::FaultInjected)
+    }
+}
+
+impl Handler<GetStats> for Supervisor {
+    type Result = MessageResult<GetStats>;
+    fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        let s = &self.shared;
+        let c = &s.counters;
+        let u = s.l1.usage();
+        MessageResult(ServerStats {
+            epoch: s.epoch.0,
+            uptime_ms: s.started.elapsed().as_millis() as u64,
+            backend: s.backend.to_string(),
+            sessions: s.sessions.load(std::sync::atomic::Ordering::Relaxed),
+            instances: self.instances.len() as u64,
+            mapped_bytes: s.mapped_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            l1_capacity: u.capacity,
+            l1_used: u.used,
+            objects: u.objects,
+            writing_objects: u.writing,
+            evictions: u.evictions,
+            leases: u.leases,
+            pinned_objects: u.pinned,
+            stores: Counters::get(&c.stores),
+            retrieves: Counters::get(&c.retrieves),
+            lookups: Counters::get(&c.lookups),
+            lookup_asked_chunks: Counters::get(&c.lookup_asked_chunks),
+            lookup_hit_chunks: Counters::get(&c.lookup_hit_chunks),
+            bytes_stored: Counters::get(&c.bytes_stored),
+            bytes_retrieved: Counters::get(&c.bytes_retrieved),
+            registrations: Counters::get(&c.registrations),
+            actor_restarts: Counters::get(&c.actor_restarts),
+            reclaimed_instances: Counters::get(&c.reclaimed_instances),
+        })
+    }
+}
