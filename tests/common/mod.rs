@@ -1,0 +1,125 @@
+//! Helpers for integration tests: a real `kvcoord serve` process and clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use kvcoord::client::{WorkerClient, WorkerConfig, WorkerHandle};
+use kvcoord::workload::TpWorker;
+use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_transport::{ConnectOptions, Connection, Endpoint, InstanceKey};
+
+/// A coordinator process on a private socket.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    args: Vec<String>,
+}
+
+impl ServerProcess {
+    pub fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
+        let mut s = ServerProcess {
+            child: None,
+            socket: dir.join("kv.sock"),
+            args: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        s.restart();
+        s
+    }
+
+    /// Starts the process (again) with the same arguments and waits until it listens.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the old server first");
+        let stderr = if std::env::var_os("KVCOORD_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() };
+        let child = Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+            .args(["serve", "--socket"])
+            .arg(&self.socket)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn kvcoord serve");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "server did not start listening");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::Unix(self.socket.clone())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (at most `limit`) for the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        send_signal(&c, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = c.kill();
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn send_signal(child: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("signal");
+}
+
+/// A small layout: 4 layers x 256 blocks of 16 tokens x 4 heads x 64 (bf16):
+/// 8 KiB block planes, 1 MiB per 256-token chunk, 16 MiB per rank.
+pub fn small_layout() -> KvLayout {
+    KvLayout::mha(4, 256, 16, 4, 64, Dtype::Bf16)
+}
+
+pub fn client(endpoint: Endpoint) -> WorkerHandle {
+    let mut cfg = WorkerConfig::new(endpoint);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.register_timeout = Duration::from_secs(30);
+    WorkerClient::start(cfg)
+}
+
+/// A registered TP worker with its own client.
+pub async fn worker(server: &ServerProcess, engine: u64, rank: u32, world: u32) -> TpWorker {
+    let key = InstanceKey { engine, rank };
+    TpWorker::register(client(server.endpoint()), key, "test-model", world, small_layout(), 256)
+        .await
+        .expect("register")
+}
+
+/// A raw connection (no re-registration logic), to provoke server errors.
+pub async fn raw(server: &ServerProcess) -> std::sync::Arc<Connection> {
+    Connection::open(&server.endpoint(), &ConnectOptions::default()).await.expect("connect")
+}
+
+/// Polls `f` until it is true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
