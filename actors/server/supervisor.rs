@@ -5,6 +5,7 @@
 //!   thread, and every instance routed to it is dropped: its memory was
 //!   opened on the dead worker's device context.
 //! - An instance actor that dies has its registration dropped.
+//!
 //! In both cases the clients get `NotRegistered` on their next request and
 //! register again; the process stays up.
 //! - A closed session's instances are reclaimed after the grace period unless
