@@ -4,14 +4,16 @@
 //! coordinator mid-run, keeps the workload going through the outage, starts
 //! the coordinator again and reports how the clients recovered.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::workload::{prefix_hashes, TpWorker};
 use kvcoord_gpu::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey, StoreOutcome};
+
+use crate::child::{wait_listening, Server};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -28,47 +30,6 @@ pub struct DemoArgs {
     /// Rounds run while the coordinator is down.
     #[arg(long, default_value_t = 3)]
     outage_rounds: u64,
-}
-
-/// The coordinator child process.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    fn start(socket: &Path, log: &Path) -> std::io::Result<Server> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--socket"])
-            .arg(socket)
-            .args(["--l1-size", "1GiB", "--grace-ms", "5000"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        Ok(Server { child })
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_listening(socket: &Path, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    false
 }
 
 #[derive(Default)]
@@ -147,7 +108,7 @@ async fn demo(args: DemoArgs, dir: PathBuf) -> ExitCode {
         eprintln!("kvcoord demo: {msg}");
         ExitCode::from(1)
     };
-    let mut server = match Server::start(&socket, &log) {
+    let mut server = match Server::start(&socket, &log, &["--l1-size", "1GiB", "--grace-ms", "5000"]) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot start the coordinator: {e}")),
     };
@@ -190,7 +151,7 @@ async fn demo(args: DemoArgs, dir: PathBuf) -> ExitCode {
             }
             bar.set_message("restarting coordinator");
             let restarted_at = Instant::now();
-            server = match Server::start(&socket, &log) {
+            server = match Server::start(&socket, &log, &["--l1-size", "1GiB", "--grace-ms", "5000"]) {
                 Ok(s) => s,
                 Err(e) => return fail(&format!("cannot restart the coordinator: {e}")),
             };

@@ -2,6 +2,8 @@
 //! runs the main job end to end (with a server restart in the middle), and
 //! the hidden `load` runs one TP worker client process (for tests).
 
+mod bench;
+mod child;
 mod demo;
 mod load;
 
@@ -27,6 +29,8 @@ enum Command {
     /// TP worker clients, a prefix-caching workload, and a SIGKILL + restart
     /// of the coordinator in the middle.
     Demo(demo::DemoArgs),
+    /// Measure speed, each number beside a baseline measured in the same run.
+    Bench(bench::BenchArgs),
     /// One TP worker client process storing in a loop (used by tests).
     #[command(hide = true)]
     Load(load::LoadArgs),
@@ -157,6 +161,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Load(args) => load::run(args),
     };
     // Copy-lane arbiter threads need no orderly join at exit.
