@@ -31,6 +31,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure speed, each number beside a baseline measured in the same run.
     Bench(bench::BenchArgs),
+    /// One pipelined-lookup client process (used by `bench`).
+    #[command(hide = true)]
+    LookupLoad(bench::LookupLoadArgs),
     /// One TP worker client process storing in a loop (used by tests).
     #[command(hide = true)]
     Load(load::LoadArgs),
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::LookupLoad(args) => bench::lookup_load(args),
         Command::Load(args) => load::run(args),
     };
     // Copy-lane arbiter threads need no orderly join at exit.

@@ -53,9 +53,13 @@ struct Counters {
     evictions: u64,
 }
 
+/// Keys are client-chosen hashes: a seeded hasher (foldhash, fast on 40-byte
+/// keys, unlike SipHash) keeps crafted collisions from degrading the table.
+type KeyHasher = foldhash::fast::RandomState;
+
 struct Index {
-    ready: LruCache<ObjectKey, Entry>,
-    writing: HashSet<ObjectKey>,
+    ready: LruCache<ObjectKey, Entry, KeyHasher>,
+    writing: HashSet<ObjectKey, KeyHasher>,
     leases: HashMap<u64, Lease>,
     next_lease: u64,
     models: HashMap<(String, u32), ModelId>,
@@ -85,6 +89,7 @@ pub struct WriteTicket {
 pub struct L1Usage {
     pub capacity: u64,
     pub used: u64,
+    pub slab_bytes: u64,
     pub objects: u64,
     pub writing: u64,
     pub evictions: u64,
@@ -104,8 +109,8 @@ impl L1Store {
         Arc::new(L1Store {
             arena,
             index: Mutex::new(Index {
-                ready: LruCache::unbounded(),
-                writing: HashSet::new(),
+                ready: LruCache::unbounded_with_hasher(KeyHasher::default()),
+                writing: HashSet::with_hasher(KeyHasher::default()),
                 leases: HashMap::new(),
                 next_lease: 1,
                 models: HashMap::new(),
@@ -271,6 +276,7 @@ impl L1Store {
         L1Usage {
             capacity: arena.capacity,
             used: arena.used,
+            slab_bytes: arena.slab_bytes,
             objects: ix.ready.len() as u64,
             writing: ix.writing.len() as u64,
             evictions: ix.counters.evictions,

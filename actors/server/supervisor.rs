@@ -369,6 +369,7 @@ impl Handler<GetStats> for Supervisor {
             mapped_bytes: s.mapped_bytes.load(std::sync::atomic::Ordering::Relaxed),
             l1_capacity: u.capacity,
             l1_used: u.used,
+            l1_slab_bytes: u.slab_bytes,
             objects: u.objects,
             writing_objects: u.writing,
             evictions: u.evictions,

@@ -128,7 +128,9 @@ impl HostMapping {
         }
         let size = file.metadata().map_err(io("fstat"))?.len();
         layout.check_memory_size(size)?;
-        let map = MmapOptions::new().map_raw(&file).map_err(io("mmap"))?;
+        // Populate the page tables now (registration may take a moment) so
+        // copies never take first-touch faults on the client's memory.
+        let map = MmapOptions::new().populate().map_raw(&file).map_err(io("mmap"))?;
         Ok(HostMapping { map, _file: file })
     }
 }

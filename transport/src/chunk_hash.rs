@@ -6,11 +6,46 @@
 //! `h[-1] = blake3("kvcoord-chunk-v1" || salt)`. A trailing partial chunk is
 //! not hashed: only whole chunks are cached.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The 32-byte key of one chunk, which also commits to every token before it.
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// On the wire it is one byte string (one copy), not 32 separate elements.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkHash(pub [u8; 32]);
+
+impl Serialize for ChunkHash {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+struct ChunkHashVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ChunkHashVisitor {
+    type Value = ChunkHash;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("32 bytes")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ChunkHash, E> {
+        <[u8; 32]>::try_from(v).map(ChunkHash).map_err(|_| E::invalid_length(v.len(), &self))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ChunkHash, A::Error> {
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+        }
+        Ok(ChunkHash(out))
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ChunkHash, D::Error> {
+        d.deserialize_bytes(ChunkHashVisitor)
+    }
+}
 
 impl std::fmt::Debug for ChunkHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,6 +80,15 @@ pub fn chunk_hashes(tokens: &[u32], chunk_tokens: usize, salt: &[u8]) -> Vec<Chu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_of_the_wrong_length_does_not_decode() {
+        let bytes = crate::frame::encode(&vec![7u8; 31], 0, 1024).unwrap();
+        let r = crate::frame::decode::<ChunkHash>(&bytes[crate::frame::HEADER_BYTES..]);
+        assert!(r.is_err());
+        let good = crate::frame::encode(&ChunkHash([9; 32]), 0, 1024).unwrap();
+        assert_eq!(good.len(), crate::frame::HEADER_BYTES + 33, "one length byte and 32 bytes");
+    }
 
     #[test]
     fn partial_trailing_chunk_is_not_hashed() {

@@ -221,6 +221,8 @@ pub struct ServerStats {
     pub mapped_bytes: u64,
     pub l1_capacity: u64,
     pub l1_used: u64,
+    /// L1 memory taken from the system so far (slabs, faulted in).
+    pub l1_slab_bytes: u64,
     pub objects: u64,
     pub writing_objects: u64,
     pub evictions: u64,
