@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// Accept fault-injection requests (tests only).
     pub fault_injection: bool,
     pub log_format: LogFormat,
+    /// Admin HTTP API address (`host:port`), or `off`.
+    pub admin: String,
+    /// Bearer token that `POST /clear` requires; without one, clear is refused.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +78,8 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 5_000,
             fault_injection: false,
             log_format: LogFormat::Human,
+            admin: "127.0.0.1:9464".to_string(),
+            admin_token: None,
         }
     }
 }
@@ -115,7 +121,20 @@ impl ServerConfig {
         if self.socket.as_os_str().is_empty() {
             return bad("socket", "must not be empty");
         }
+        if let Some(addr) = self.admin_addr() {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad("admin", "must be `off` or an address like 127.0.0.1:9464");
+            }
+        }
+        if self.admin_token.as_deref().is_some_and(str::is_empty) {
+            return bad("admin_token", "must not be empty");
+        }
         Ok(())
+    }
+
+    /// The admin API address, unless it is `off`.
+    pub fn admin_addr(&self) -> Option<&str> {
+        (self.admin != "off").then_some(self.admin.as_str())
     }
 }
 

@@ -18,12 +18,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = ServerConfig {
         socket: dir.path().join("kv.sock"),
         l1_size: bytesize::ByteSize::mib(256),
+        admin: "127.0.0.1:0".into(),
         ..ServerConfig::default()
     };
     actix_rt::System::new().block_on(async move {
         let coordinator = Coordinator::start(config).await?;
         let endpoint = coordinator.endpoints()[0].clone();
         println!("coordinator embedded at {endpoint}, epoch {:016x}", coordinator.epoch().0);
+        if let Some(admin) = coordinator.admin_addr() {
+            println!("admin API at http://{admin}/status and /metrics");
+        }
 
         let client = WorkerClient::start(WorkerConfig::new(endpoint));
         let layout = KvLayout::mha(8, 128, 16, 8, 64, Dtype::Bf16);

@@ -96,7 +96,12 @@ fn main() {
 
     // The embedded coordinator runs on its own thread with its own actix System.
     if embedded {
-        let config = ServerConfig { socket: socket.clone(), l1_size: bytesize::ByteSize::gib(1), ..Default::default() };
+        let config = ServerConfig {
+            socket: socket.clone(),
+            l1_size: bytesize::ByteSize::gib(1),
+            admin: "off".into(),
+            ..Default::default()
+        };
         std::thread::spawn(move || {
             actix_rt::System::new().block_on(async move {
                 let _c = Coordinator::start(config).await.expect("coordinator starts");

@@ -17,6 +17,7 @@ impl Server {
             .args(["serve", "--socket"])
             .arg(socket)
             .args(args)
+            .args(if args.contains(&"--admin") { &[][..] } else { &["--admin", "off"][..] })
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -6,6 +6,7 @@ mod bench;
 mod child;
 mod demo;
 mod load;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     /// TP worker clients, a prefix-caching workload, and a SIGKILL + restart
     /// of the coordinator in the middle.
     Demo(demo::DemoArgs),
+    /// Show a running coordinator: instances, L1, hit rates.
+    Status(status::StatusArgs),
     /// Measure speed, each number beside a baseline measured in the same run.
     Bench(bench::BenchArgs),
     /// One pipelined-lookup client process (used by `bench`).
@@ -39,42 +42,49 @@ enum Command {
     Load(load::LoadArgs),
 }
 
-/// `kvcoord serve` options; each overrides the config file's value.
+/// `kvcoord serve` options. Precedence: flag, then `KVCOORD_*` environment
+/// variable, then the TOML file, then the default.
 #[derive(clap::Args, Default)]
 struct ServeArgs {
     /// TOML configuration file (keys as in `--print-config`).
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_CONFIG")]
     config: Option<PathBuf>,
     /// Unix socket path.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_SOCKET")]
     socket: Option<PathBuf>,
     /// Also listen on this TCP address (host:port).
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_TCP")]
     tcp: Option<String>,
     /// L1 capacity, e.g. `4GiB`.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_L1_SIZE")]
     l1_size: Option<bytesize::ByteSize>,
     /// Tokens per chunk.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_CHUNK_TOKENS")]
     chunk_tokens: Option<u32>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "KVCOORD_BACKEND")]
     backend: Option<BackendChoice>,
     /// Copy lanes (GPU-worker actors) of the host backend.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_COPY_LANES")]
     copy_lanes: Option<u32>,
     /// Milliseconds a closed connection's instances are kept.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_GRACE_MS")]
     grace_ms: Option<u64>,
     /// Milliseconds a lookup lease lives at most.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_LEASE_TTL_MS")]
     lease_ttl_ms: Option<u64>,
     /// Milliseconds a graceful shutdown waits for in-flight requests.
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
     /// Accept fault-injection requests (for tests; never in production).
-    #[arg(long)]
+    #[arg(long, env = "KVCOORD_FAULT_INJECTION")]
     enable_fault_injection: bool,
-    #[arg(long, value_enum)]
+    /// Admin HTTP API address (`host:port`), or `off`.
+    #[arg(long, env = "KVCOORD_ADMIN")]
+    admin: Option<String>,
+    /// Bearer token that the admin `POST /clear` requires (clear is refused without one).
+    #[arg(long, env = "KVCOORD_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    #[arg(long, value_enum, env = "KVCOORD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
     /// Print the effective configuration and exit.
     #[arg(long)]
@@ -103,6 +113,12 @@ impl ServeArgs {
         );
         if self.tcp.is_some() {
             c.tcp = self.tcp.clone();
+        }
+        if let Some(a) = &self.admin {
+            c.admin = a.clone();
+        }
+        if self.admin_token.is_some() {
+            c.admin_token = self.admin_token.clone();
         }
         if self.enable_fault_injection {
             c.fault_injection = true;
@@ -165,6 +181,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Status(args) => status::run(args),
         Command::LookupLoad(args) => bench::lookup_load(args),
         Command::Load(args) => load::run(args),
     };

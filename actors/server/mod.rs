@@ -8,9 +8,11 @@
 //!                                                      └─> Supervisor (registry, epoch, child lifetimes)
 //! ```
 
+pub mod admin;
 pub mod gpu_worker;
 pub mod instance;
 pub mod l1;
+pub mod metrics;
 pub mod requests;
 pub mod session;
 pub mod state;
@@ -91,7 +93,11 @@ impl Coordinator {
         if let Some(tcp) = &config.tcp {
             listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone())).await?);
         }
+        let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
         let shared = Arc::new(ServerShared {
+            metrics: metrics::Metrics::new(epoch, backend),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            admin: std::sync::OnceLock::new(),
             epoch,
             config,
             backend,
@@ -105,8 +111,13 @@ impl Coordinator {
             mapped_bytes: AtomicU64::new(0),
         });
         let supervisor = Supervisor::new(shared.clone()).start();
+        if let Some(addr) = shared.config.admin_addr() {
+            let bound = admin::start(addr, shared.clone(), supervisor.clone())
+                .map_err(|source| StartError::Bind { endpoint: format!("admin http://{addr}"), source })?;
+            tracing::info!(admin = %bound, "admin HTTP API listening");
+            let _ = shared.admin.set(bound);
+        }
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
         for listener in listeners {
             actix_rt::spawn(accept_loop(listener, shared.clone(), supervisor.clone(), stop_rx.clone()));
         }
@@ -124,6 +135,11 @@ impl Coordinator {
 
     pub fn epoch(&self) -> ServerEpoch {
         self.shared.epoch
+    }
+
+    /// Where the admin HTTP API listens, if it is on.
+    pub fn admin_addr(&self) -> Option<&str> {
+        self.shared.admin.get().map(String::as_str)
     }
 
     /// The endpoints actually listened on (Unix socket first).
@@ -207,6 +223,7 @@ async fn open_session(
         }
     };
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    Counters::add(&shared.counters.connections, 1);
     tracing::info!(session = id, peer, client = %hello.client, "client connected");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     actix_rt::spawn(write_loop(writer, rx));

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::gpu_worker::JobGate;
 use super::instance::{self, InstanceActor};
 use super::state::{Counters, InstanceRoute, ServerShared};
-use super::supervisor::{GetStats, InjectFault, Register, Supervisor, Unregister};
+use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 
 fn not_registered() -> WireError {
     WireError::new(ErrorKind::NotRegistered, "instance is not registered with this server; register again")
@@ -31,7 +31,9 @@ fn timeout() -> WireError {
 }
 
 fn route(shared: &ServerShared, key: &kvcoord_transport::InstanceKey) -> Result<InstanceRoute, WireError> {
-    shared.route(key).ok_or_else(not_registered)
+    let route = shared.route(key).ok_or_else(not_registered)?;
+    route.touch(shared);
+    Ok(route)
 }
 
 fn check_chunks(shared: &ServerShared, n: usize) -> Result<(), WireError> {
@@ -140,6 +142,13 @@ pub async fn serve(
                 .await
                 .map_err(|_| WireError::new(ErrorKind::Unavailable, "supervisor unavailable"))?;
             Ok(ReplyBody::Stats(Box::new(stats)))
+        }
+        RequestBody::Status => {
+            let report = supervisor
+                .send(GetStatus)
+                .await
+                .map_err(|_| WireError::new(ErrorKind::Unavailable, "supervisor unavailable"))?;
+            Ok(ReplyBody::Status(Box::new(report)))
         }
         RequestBody::InjectFault(target) => {
             if !shared.config.fault_injection {

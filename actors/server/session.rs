@@ -72,7 +72,9 @@ impl Session {
             let _in_flight = in_flight;
             let id = req.id;
             let op = req.body.op();
+            let started = std::time::Instant::now();
             let result = requests::serve(&shared, &supervisor, session, req, fds).await;
+            shared.metrics.record(op, result.as_ref().map(|_| ()), started.elapsed());
             if let Err(e) = &result {
                 tracing::debug!(session, op, error = %e, "request failed");
             }

@@ -6,7 +6,7 @@
 //! decide anything: it only holds what others decide.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use actix::Addr;
@@ -15,6 +15,7 @@ use kvcoord_transport::{InstanceKey, ServerEpoch};
 
 use super::instance::InstanceActor;
 use super::l1::{L1Store, ModelId};
+use super::metrics::Metrics;
 use crate::config::ServerConfig;
 
 /// Where requests for one registered instance go.
@@ -24,6 +25,15 @@ pub struct InstanceRoute {
     pub model: ModelId,
     pub world_size: u32,
     pub rank: u32,
+    /// Milliseconds after server start of the instance's last request.
+    pub last_seen: Arc<AtomicU64>,
+}
+
+impl InstanceRoute {
+    /// Notes a request for this instance.
+    pub fn touch(&self, shared: &ServerShared) {
+        self.last_seen.store(shared.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Monotonic counters (exported in stats).
@@ -37,6 +47,8 @@ pub struct Counters {
     pub bytes_stored: AtomicU64,
     pub bytes_retrieved: AtomicU64,
     pub registrations: AtomicU64,
+    pub reregistrations: AtomicU64,
+    pub connections: AtomicU64,
     pub actor_restarts: AtomicU64,
     pub reclaimed_instances: AtomicU64,
 }
@@ -63,6 +75,11 @@ pub struct ServerShared {
     pub in_flight: AtomicUsize,
     pub sessions: AtomicU64,
     pub mapped_bytes: AtomicU64,
+    pub metrics: Metrics,
+    /// Where clients connect (Unix socket first).
+    pub endpoints: Vec<String>,
+    /// Where the admin HTTP API listens, once it does.
+    pub admin: OnceLock<String>,
 }
 
 impl ServerShared {

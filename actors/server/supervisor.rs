@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use kvcoord_transport::{ErrorKind, FaultTarget, InstanceKey, RegisterKvCache, ReplyBody, ServerStats, WireError};
+use kvcoord_transport::{
+    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, ReplyBody, ServerStats, StatusReport,
+    WireError,
+};
 
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
 use super::instance::{CrashInstance, InstanceActor, Retire};
@@ -43,6 +46,7 @@ struct InstanceEntry {
     world_size: u32,
     layout: kvcoord_gpu::KvLayout,
     identity: MemoryIdentity,
+    last_seen: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub struct Supervisor {
@@ -90,6 +94,10 @@ pub struct InjectFault(pub FaultTarget);
 #[rtype(result = "ServerStats")]
 pub struct GetStats;
 
+#[derive(Message)]
+#[rtype(result = "StatusReport")]
+pub struct GetStatus;
+
 impl Supervisor {
     pub fn new(shared: Arc<ServerShared>) -> Self {
         Supervisor { shared, lanes: Vec::new(), instances: HashMap::new(), next_generation: 1, next_lane: 0 }
@@ -116,7 +124,10 @@ impl Supervisor {
             self.shared.routes.remove(key);
             self.shared.mapped_bytes.fetch_sub(e.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
             e.addr.do_send(Retire);
-            tracing::info!(engine = key.engine, rank = key.rank, model = %e.model_name, reason = why, "instance dropped");
+            tracing::info!(
+                engine = key.engine, rank = key.rank, model = %e.model_name, session = e.owner, reason = why,
+                "instance dropped"
+            );
         }
     }
 }
@@ -203,6 +214,8 @@ impl Handler<Register> for Supervisor {
                         if e.identity == identity {
                             e.owner = session;
                             e.orphaned = false;
+                            Counters::add(&act.shared.counters.reregistrations, 1);
+                            tracing::info!(engine = key.engine, rank = key.rank, session, "instance registered again");
                             return Ok(ReplyBody::Registered { already: true });
                         }
                         act.drop_instance(&key, "registered again with new memory");
@@ -221,10 +234,16 @@ impl Handler<Register> for Supervisor {
                         generation,
                     );
                     let addr = actor.start();
-                    act.shared.routes.insert(
-                        key,
-                        InstanceRoute { addr: addr.clone(), model, world_size: r.world_size, rank: key.rank },
-                    );
+                    let seen = act.shared.started.elapsed().as_millis() as u64;
+                    let last_seen = Arc::new(std::sync::atomic::AtomicU64::new(seen));
+                    let route = InstanceRoute {
+                        addr: addr.clone(),
+                        model,
+                        world_size: r.world_size,
+                        rank: key.rank,
+                        last_seen: last_seen.clone(),
+                    };
+                    act.shared.routes.insert(key, route);
                     act.shared.mapped_bytes.fetch_add(r.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
                     Counters::add(&act.shared.counters.registrations, 1);
                     act.instances.insert(
@@ -239,6 +258,7 @@ impl Handler<Register> for Supervisor {
                             world_size: r.world_size,
                             layout: r.layout,
                             identity,
+                            last_seen,
                         },
                     );
                     tracing::info!(
@@ -354,6 +374,41 @@ impl Handler<InjectFault> for Supervisor {
     }
 }
 
+impl Handler<GetStatus> for Supervisor {
+    type Result = MessageResult<GetStatus>;
+    fn handle(&mut self, _: GetStatus, ctx: &mut Self::Context) -> Self::Result {
+        let now = self.shared.started.elapsed().as_millis() as u64;
+        let mut instances: Vec<InstanceStatus> = self
+            .instances
+            .iter()
+            .map(|(k, e)| InstanceStatus {
+                engine: k.engine,
+                rank: k.rank,
+                model: e.model_name.clone(),
+                world_size: e.world_size,
+                layout: e.layout,
+                bytes: e.layout.total_bytes(),
+                owner_session: e.owner,
+                orphaned: e.orphaned,
+                idle_ms: now.saturating_sub(e.last_seen.load(std::sync::atomic::Ordering::Relaxed)),
+            })
+            .collect();
+        instances.sort_by(|a, b| (&a.model, a.engine, a.rank).cmp(&(&b.model, b.engine, b.rank)));
+        let stats = self.handle(GetStats, ctx).0;
+        MessageResult(StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            epoch: format!("{:016x}", self.shared.epoch.0),
+            uptime_ms: now,
+            backend: self.shared.backend.to_string(),
+            devices: (0..self.lanes.len()).map(|i| format!("{} copy lane {i}", self.shared.backend)).collect(),
+            endpoints: self.shared.endpoints.clone(),
+            admin: self.shared.admin.get().cloned(),
+            instances,
+            stats,
+        })
+    }
+}
+
 impl Handler<GetStats> for Supervisor {
     type Result = MessageResult<GetStats>;
     fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
@@ -383,6 +438,8 @@ impl Handler<GetStats> for Supervisor {
             bytes_stored: Counters::get(&c.bytes_stored),
             bytes_retrieved: Counters::get(&c.bytes_retrieved),
             registrations: Counters::get(&c.registrations),
+            reregistrations: Counters::get(&c.reregistrations),
+            connections: Counters::get(&c.connections),
             actor_restarts: Counters::get(&c.actor_restarts),
             reclaimed_instances: Counters::get(&c.reclaimed_instances),
         })

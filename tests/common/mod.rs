@@ -36,6 +36,7 @@ impl ServerProcess {
             .args(["serve", "--socket"])
             .arg(&self.socket)
             .args(&self.args)
+            .args(if self.args.iter().any(|a| a == "--admin") { &[][..] } else { &["--admin", "off"][..] })
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

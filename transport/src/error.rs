@@ -33,6 +33,22 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// A stable snake_case name, for metrics labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotRegistered => "not_registered",
+            ErrorKind::LayoutMismatch => "layout_mismatch",
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::OutOfMemory => "out_of_memory",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::ProtocolMismatch => "protocol_mismatch",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
     /// Whether sending the same request again (later, or after registering
     /// again for `NotRegistered`) can succeed.
     pub fn is_retriable(self) -> bool {

@@ -159,14 +159,20 @@ pub enum FaultTarget {
 pub enum RequestBody {
     Ping,
     Register(RegisterKvCache),
-    Unregister { instance: InstanceKey },
+    Unregister {
+        instance: InstanceKey,
+    },
     Store(StoreChunks),
     Lookup(LookupPrefix),
     Retrieve(RetrieveChunks),
-    ReleaseLease { lease: LeaseId },
+    ReleaseLease {
+        lease: LeaseId,
+    },
     Clear,
     Stats,
     InjectFault(FaultTarget),
+    /// Everything an operator wants to see: instances, L1, hit rates.
+    Status,
 }
 
 impl RequestBody {
@@ -183,6 +189,7 @@ impl RequestBody {
             RequestBody::Clear => "clear",
             RequestBody::Stats => "stats",
             RequestBody::InjectFault(_) => "inject_fault",
+            RequestBody::Status => "status",
         }
     }
 
@@ -236,6 +243,10 @@ pub struct ServerStats {
     pub bytes_stored: u64,
     pub bytes_retrieved: u64,
     pub registrations: u64,
+    /// Registers of an instance that was already registered (reconnects).
+    pub reregistrations: u64,
+    /// Client connections accepted so far.
+    pub connections: u64,
     pub actor_restarts: u64,
     pub reclaimed_instances: u64,
 }
@@ -264,4 +275,39 @@ pub enum ReplyBody {
     },
     Stats(Box<ServerStats>),
     FaultInjected,
+    Status(Box<StatusReport>),
+}
+
+/// One registered instance, as an operator sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub engine: u64,
+    pub rank: u32,
+    pub model: String,
+    pub world_size: u32,
+    pub layout: KvLayout,
+    /// Bytes of registered KV-cache memory.
+    pub bytes: u64,
+    /// The session (connection) that registered it last.
+    pub owner_session: u64,
+    /// The owner's connection closed; the instance goes after the grace period.
+    pub orphaned: bool,
+    /// Milliseconds since its last request.
+    pub idle_ms: u64,
+}
+
+/// A running coordinator, for `kvcoord status` and the admin `/status`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StatusReport {
+    pub version: String,
+    /// The epoch as 16 hex digits.
+    pub epoch: String,
+    pub uptime_ms: u64,
+    pub backend: String,
+    /// Copy devices: GPUs on the CUDA backend, copy lanes on the host backend.
+    pub devices: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub admin: Option<String>,
+    pub instances: Vec<InstanceStatus>,
+    pub stats: ServerStats,
 }

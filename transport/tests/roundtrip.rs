@@ -78,6 +78,7 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         Just(RequestBody::Stats),
         any::<u32>().prop_map(|i| RequestBody::InjectFault(FaultTarget::GpuWorker(i))),
         instance().prop_map(|k| RequestBody::InjectFault(FaultTarget::Instance(k))),
+        Just(RequestBody::Status),
     ]
 }
 
@@ -117,6 +118,29 @@ fn reply_result() -> impl Strategy<Value = Result<ReplyBody, WireError>> {
             ServerStats { epoch, l1_used, backend, ..Default::default() }
         ))),
         Just(ReplyBody::FaultInjected),
+        (layout(), ".{0,12}", any::<u64>()).prop_map(|(layout, model, engine)| ReplyBody::Status(Box::new(
+            StatusReport {
+                version: "1".into(),
+                epoch: format!("{engine:016x}"),
+                uptime_ms: 5,
+                backend: "host".into(),
+                devices: vec!["lane 0".into()],
+                endpoints: vec![],
+                admin: None,
+                instances: vec![InstanceStatus {
+                    engine,
+                    rank: 0,
+                    model,
+                    world_size: 1,
+                    layout,
+                    bytes: 9,
+                    owner_session: 1,
+                    orphaned: false,
+                    idle_ms: 3,
+                }],
+                stats: ServerStats::default(),
+            }
+        ))),
     ];
     prop_oneof![ok.prop_map(Ok), (error_kind(), ".{0,30}").prop_map(|(k, m)| Err(WireError::new(k, m)))]
 }

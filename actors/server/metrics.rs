@@ -1,0 +1,138 @@
+//! Prometheus metrics (OpenMetrics text, served at the admin `/metrics`).
+//!
+//! Request counts by operation and outcome, and latency histograms, are
+//! recorded as requests finish. Everything else mirrors the server's own
+//! counters and gauges at scrape time, so there is one source of truth (the
+//! [`ServerStats`] the supervisor assembles). This module must never be on a
+//! request's critical path beyond one counter and one histogram update.
+
+use std::time::Duration;
+
+use kvcoord_transport::{ServerEpoch, ServerStats, WireError};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+/// Reads one figure out of the stats.
+type Read = fn(&ServerStats) -> u64;
+/// A metric's name, help text and where its value comes from.
+type Def = (&'static str, &'static str, Read);
+type Mirror = (Counter, Read);
+type Level = (Gauge, Read);
+
+/// The coordinator's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    mirrors: Vec<Mirror>,
+    levels: Vec<Level>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 us .. ~21 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 22))
+}
+
+impl Metrics {
+    pub fn new(epoch: ServerEpoch, backend: &'static str) -> Self {
+        let mut registry = Registry::with_prefix("kvcoord");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests served, by operation and outcome", requests.clone());
+        let latency = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register("request_duration_seconds", "Time from a request's arrival to its reply", latency.clone());
+        registry.register(
+            "server",
+            "This server: version, boot epoch and backend",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("epoch", format!("{:016x}", epoch.0)),
+                ("backend", backend.to_string()),
+            ]),
+        );
+        let mirror_defs: [Def; 10] = [
+            ("bytes_stored", "Bytes copied into L1 by stores", |s| s.bytes_stored),
+            ("bytes_retrieved", "Bytes copied out of L1 by retrieves", |s| s.bytes_retrieved),
+            ("evictions", "L1 objects evicted to make room", |s| s.evictions),
+            ("lookup_asked_chunks", "Chunks asked for by lookups", |s| s.lookup_asked_chunks),
+            ("lookup_hit_chunks", "Leading chunks lookups found for every rank", |s| s.lookup_hit_chunks),
+            ("registrations", "Instances registered (new registrations)", |s| s.registrations),
+            ("reregistrations", "Registers of an instance already registered (clients reconnecting)", |s| {
+                s.reregistrations
+            }),
+            ("connections", "Client connections accepted (first connections and reconnections)", |s| s.connections),
+            ("actor_restarts", "Child actors that died and were replaced", |s| s.actor_restarts),
+            ("reclaimed_instances", "Instances of dead clients dropped after the grace period", |s| {
+                s.reclaimed_instances
+            }),
+        ];
+        let mirrors = mirror_defs
+            .into_iter()
+            .map(|(name, help, get)| {
+                let c = Counter::default();
+                registry.register(name, help, c.clone());
+                (c, get)
+            })
+            .collect();
+        let level_defs: [Def; 10] = [
+            ("l1_used_bytes", "L1 bytes held by objects", |s| s.l1_used),
+            ("l1_capacity_bytes", "L1 capacity", |s| s.l1_capacity),
+            ("l1_slab_bytes", "L1 memory taken from the system", |s| s.l1_slab_bytes),
+            ("l1_objects", "Chunk objects held", |s| s.objects),
+            ("leases", "Lookup leases held", |s| s.leases),
+            ("pinned_objects", "Objects pinned by leases", |s| s.pinned_objects),
+            ("instances", "Registered instances", |s| s.instances),
+            ("sessions", "Open client connections", |s| s.sessions),
+            ("mapped_bytes", "Registered KV-cache memory mapped", |s| s.mapped_bytes),
+            ("uptime_seconds", "Seconds since start", |s| s.uptime_ms / 1000),
+        ];
+        let levels = level_defs
+            .into_iter()
+            .map(|(name, help, get)| {
+                let g = Gauge::default();
+                registry.register(name, help, g.clone());
+                (g, get)
+            })
+            .collect();
+        Metrics { registry, requests, latency, mirrors, levels }
+    }
+
+    /// Counts one finished request.
+    pub fn record(&self, op: &'static str, result: Result<(), &WireError>, took: Duration) {
+        let outcome = match result {
+            Ok(()) => "ok",
+            Err(e) => e.kind.name(),
+        };
+        self.requests.get_or_create(&RequestLabels { op, outcome }).inc();
+        self.latency.get_or_create(&OpLabels { op }).observe(took.as_secs_f64());
+    }
+
+    /// The text exposition, with mirrored values brought up to `stats`.
+    pub fn render(&self, stats: &ServerStats) -> String {
+        for (counter, get) in &self.mirrors {
+            let now = get(stats);
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
+        for (gauge, get) in &self.levels {
+            gauge.set(get(stats).min(i64::MAX as u64) as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
