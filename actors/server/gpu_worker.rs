@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use kvcoord_gpu::host::HostMemoryError;
-use kvcoord_gpu::{copy, Allocation, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle};
+use kvcoord_gpu::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
-use super::l1::WriteTicket;
+use super::l1::{ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
 
 /// Decides, exactly once, whether a copy job runs or is cancelled: the worker
@@ -82,7 +82,7 @@ pub struct ScatterJob {
     pub layout: KvLayout,
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
-    pub objects: Vec<Option<Arc<Allocation>>>,
+    pub objects: Vec<Option<ReadGuard>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -162,8 +162,8 @@ impl Handler<GatherJob> for GpuWorker {
         let mut bytes = 0;
         for (i, ticket) in job.tickets.into_iter().enumerate() {
             let Some(ticket) = ticket else { continue };
-            copy::gather(&job.layout, job.memory.as_ref(), job.blocks.chunk(i), ticket.object()).map_err(internal)?;
-            bytes += ticket.object().len() as u64;
+            copy::gather(&job.layout, job.memory.as_ref(), job.blocks.chunk(i), &ticket).map_err(internal)?;
+            bytes += ticket.len() as u64;
             ticket.commit();
             outcomes[i] = StoreOutcome::Stored;
         }

@@ -1,24 +1,34 @@
 //! The L1 store: which chunk objects the coordinator holds, in what state,
 //! and which of them may be evicted.
 //!
-//! It owns the index (by model, rank and chunk hash), LRU order, eviction,
-//! write tickets and leases. It is shared state behind one short lock, not an
+//! It owns the index (by model, rank and chunk hash), eviction, write tickets,
+//! read guards and leases. It is shared state behind one short lock, not an
 //! actor, so lookups never queue behind copies: no copy ever runs under the
 //! lock. It must never copy bytes itself.
 //!
 //! Object life cycle: `reserve` gives a [`WriteTicket`] (the object is
 //! invisible to lookups and retrieves); `commit` makes it ready; dropping an
 //! uncommitted ticket discards it. A ready object is evictable unless a lease
-//! pins it. Readers hold the allocation through an `Arc`, so an evicted or
-//! cleared object's memory is reused only after the last copy reading it ends.
+//! pins it or a copy is reading it. Readers hold a [`ReadGuard`]; an object
+//! evicted or cleared while read is "doomed": gone from the index at once,
+//! its memory reused only when the last reader lets go.
+//!
+//! Layout, for millions of entries: each object is one 64-byte [`Slot`] in a
+//! paged array (key, 12-byte arena extent, last-used tick, pins, readers,
+//! state), found through a `hashbrown::HashTable` of `u32` slot numbers.
+//! Recency is a tick written on use, not a linked list: eviction samples
+//! random slots and takes the least recently used evictable one (Redis-style
+//! approximate LRU), falling back to a full scan before it says "no space".
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcoord_gpu::{Allocation, Arena};
+use hashbrown::HashTable;
+use kvcoord_gpu::{Arena, Extent, ObjectBytes};
 use kvcoord_transport::{ChunkHash, LeaseId};
-use lru::LruCache;
 use parking_lot::Mutex;
 
 /// Interned (model name, world size): chunks are shared by every instance of
@@ -34,9 +44,73 @@ pub struct ObjectKey {
     pub hash: ChunkHash,
 }
 
-struct Entry {
-    object: Arc<Allocation>,
+/// Keys are client-chosen hashes: a seeded hasher keeps crafted collisions
+/// from degrading the table.
+type KeyHasher = foldhash::fast::RandomState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    Writing,
+    Ready,
+    /// Removed from the index while a reader still holds it.
+    Doomed,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    key: ObjectKey,
+    extent: Extent,
+    last_used: u32,
     pins: u32,
+    readers: u16,
+    state: SlotState,
+}
+
+const EMPTY: Slot = Slot {
+    key: ObjectKey { model: ModelId(0), rank: 0, hash: ChunkHash([0; 32]) },
+    extent: Extent::EMPTY,
+    last_used: 0,
+    pins: 0,
+    readers: 0,
+    state: SlotState::Free,
+};
+
+/// Slots in pages of 64Ki, so growth never copies (or doubles) the array.
+const PAGE_SLOTS: usize = 1 << 16;
+
+#[derive(Default)]
+struct Slots {
+    pages: Vec<Box<[Slot]>>,
+    used: usize,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn get(&self, i: u32) -> &Slot {
+        &self.pages[i as usize / PAGE_SLOTS][i as usize % PAGE_SLOTS]
+    }
+    fn get_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.pages[i as usize / PAGE_SLOTS][i as usize % PAGE_SLOTS]
+    }
+    fn take(&mut self, slot: Slot) -> u32 {
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                if self.used == self.pages.len() * PAGE_SLOTS {
+                    self.pages.push(vec![EMPTY; PAGE_SLOTS].into_boxed_slice());
+                }
+                self.used += 1;
+                (self.used - 1) as u32
+            }
+        };
+        *self.get_mut(i) = slot;
+        i
+    }
+    fn give_back(&mut self, i: u32) {
+        *self.get_mut(i) = EMPTY;
+        self.free.push(i);
+    }
 }
 
 struct Lease {
@@ -48,27 +122,24 @@ struct Lease {
     session: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    evictions: u64,
-}
-
-/// Keys are client-chosen hashes: a seeded hasher (foldhash, fast on 40-byte
-/// keys, unlike SipHash) keeps crafted collisions from degrading the table.
-type KeyHasher = foldhash::fast::RandomState;
-
 struct Index {
-    ready: LruCache<ObjectKey, Entry, KeyHasher>,
-    writing: HashSet<ObjectKey, KeyHasher>,
+    table: HashTable<u32>,
+    slots: Slots,
+    hasher: KeyHasher,
+    tick: u32,
+    rng: u64,
+    ready: u64,
+    writing: u64,
+    pinned: u64,
+    evictions: u64,
     leases: HashMap<u64, Lease>,
     next_lease: u64,
     models: HashMap<(String, u32), ModelId>,
-    counters: Counters,
 }
 
 /// Result of asking to store one chunk.
 pub enum Reservation {
-    /// Write the object into the ticket's allocation, then commit it.
+    /// Write the object through the ticket, then commit it.
     Write(WriteTicket),
     /// The chunk is already held (or being written by someone else).
     AlreadyPresent,
@@ -80,9 +151,33 @@ pub enum Reservation {
 /// uncommitted discards it (nothing half-written is ever served).
 pub struct WriteTicket {
     store: Arc<L1Store>,
-    key: ObjectKey,
-    object: Option<Allocation>,
+    slot: u32,
+    ptr: *mut u8,
+    len: usize,
+    committed: bool,
 }
+
+/// A ready object being read by a copy; its memory stays until dropped.
+pub struct ReadGuard {
+    store: Arc<L1Store>,
+    slot: u32,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a ticket is the only writer of its object's bytes (the slot is in
+// the Writing state, invisible to readers, until commit), and its pointer
+// stays valid until the ticket is committed or dropped (the extent is freed
+// only then, under the index lock). Moving it to the copy thread is sound.
+unsafe impl Send for WriteTicket {}
+// SAFETY: `&WriteTicket` only exposes the pointer and length.
+unsafe impl Sync for WriteTicket {}
+// SAFETY: a guard's object is Ready (no writer) or Doomed (no writer, and its
+// extent is freed only after the last guard drops), so reading its bytes
+// from any thread while the guard lives is sound.
+unsafe impl Send for ReadGuard {}
+// SAFETY: see `Send`; `&ReadGuard` only exposes the pointer and length.
+unsafe impl Sync for ReadGuard {}
 
 /// Figures for stats.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,17 +199,111 @@ pub struct L1Store {
     lease_ttl: Duration,
 }
 
+/// Random slots examined per eviction round, and rounds before a full scan.
+const SAMPLES: usize = 16;
+const ROUNDS: usize = 4;
+
+impl Index {
+    fn find(&self, key: &ObjectKey) -> Option<u32> {
+        let h = self.hasher.hash_one(key);
+        self.table.find(h, |&i| self.slots.get(i).key == *key).copied()
+    }
+
+    fn touch(&mut self, i: u32) {
+        self.tick = self.tick.wrapping_add(1);
+        let t = self.tick;
+        self.slots.get_mut(i).last_used = t;
+    }
+
+    /// Takes a ready object out of the index; frees it now if nobody reads
+    /// it, else dooms it (freed by its last reader).
+    fn remove_ready(&mut self, i: u32, arena: &Arena) {
+        let slot = *self.slots.get(i);
+        debug_assert_eq!(slot.state, SlotState::Ready);
+        let h = self.hasher.hash_one(slot.key);
+        if let Ok(entry) = self.table.find_entry(h, |&j| j == i) {
+            entry.remove();
+        }
+        self.ready -= 1;
+        if slot.pins > 0 {
+            self.pinned -= 1;
+        }
+        if slot.readers == 0 {
+            arena.free_extent(slot.extent);
+            self.slots.give_back(i);
+        } else {
+            let s = self.slots.get_mut(i);
+            s.state = SlotState::Doomed;
+            s.pins = 0;
+        }
+    }
+
+    fn evictable(s: &Slot) -> bool {
+        s.state == SlotState::Ready && s.pins == 0 && s.readers == 0
+    }
+
+    /// The least recently used of a few random evictable objects, or any
+    /// evictable object at all (full scan) when sampling finds none.
+    fn victim(&mut self) -> Option<u32> {
+        let n = self.slots.used as u64;
+        if n == 0 || self.ready == 0 {
+            return None;
+        }
+        for _ in 0..ROUNDS {
+            let mut best: Option<(u32, u32)> = None;
+            for _ in 0..SAMPLES {
+                // xorshift64: cheap, and good enough to pick slots.
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let i = (self.rng % n) as u32;
+                let s = self.slots.get(i);
+                if Self::evictable(s) {
+                    let age = self.tick.wrapping_sub(s.last_used);
+                    if best.is_none_or(|(_, a)| age > a) {
+                        best = Some((i, age));
+                    }
+                }
+            }
+            if let Some((i, _)) = best {
+                return Some(i);
+            }
+        }
+        (0..n as u32).find(|&i| Self::evictable(self.slots.get(i)))
+    }
+
+    fn unpin(&mut self, model: ModelId, rank: u32, hashes: &[ChunkHash]) {
+        for &hash in hashes {
+            if let Some(i) = self.find(&ObjectKey { model, rank, hash }) {
+                let s = self.slots.get_mut(i);
+                if s.state == SlotState::Ready && s.pins > 0 {
+                    s.pins -= 1;
+                    if s.pins == 0 {
+                        self.pinned -= 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl L1Store {
     pub fn new(arena: Arena, lease_ttl: Duration) -> Arc<Self> {
         Arc::new(L1Store {
             arena,
             index: Mutex::new(Index {
-                ready: LruCache::unbounded_with_hasher(KeyHasher::default()),
-                writing: HashSet::with_hasher(KeyHasher::default()),
+                table: HashTable::new(),
+                slots: Slots::default(),
+                hasher: KeyHasher::default(),
+                tick: 0,
+                rng: rand::random::<u64>() | 1,
+                ready: 0,
+                writing: 0,
+                pinned: 0,
+                evictions: 0,
                 leases: HashMap::new(),
                 next_lease: 1,
                 models: HashMap::new(),
-                counters: Counters::default(),
             }),
             lease_ttl,
         })
@@ -132,39 +321,82 @@ impl L1Store {
     }
 
     /// Reserves room for a new object of `bytes`, evicting least recently
-    /// used unpinned objects as needed.
+    /// used evictable objects as needed.
     pub fn reserve(self: &Arc<Self>, key: ObjectKey, bytes: u64) -> std::io::Result<Reservation> {
         let mut ix = self.index.lock();
-        if ix.ready.get(&key).is_some() || ix.writing.contains(&key) {
+        if let Some(i) = ix.find(&key) {
+            if ix.slots.get(i).state == SlotState::Ready {
+                ix.touch(i);
+            }
             return Ok(Reservation::AlreadyPresent);
         }
-        loop {
-            if let Some(object) = self.arena.allocate(bytes)? {
-                ix.writing.insert(key);
-                return Ok(Reservation::Write(WriteTicket { store: self.clone(), key, object: Some(object) }));
+        let extent = loop {
+            if let Some(e) = self.arena.allocate_extent(bytes)? {
+                break e;
             }
-            let victim = ix.ready.iter().rev().find(|(_, e)| e.pins == 0).map(|(k, _)| *k);
-            match victim {
-                Some(k) => {
-                    ix.ready.pop(&k);
-                    ix.counters.evictions += 1;
+            match ix.victim() {
+                Some(i) => {
+                    ix.remove_ready(i, &self.arena);
+                    ix.evictions += 1;
                 }
                 None => return Ok(Reservation::NoSpace),
             }
-        }
+        };
+        ix.tick = ix.tick.wrapping_add(1);
+        let slot = Slot { key, extent, last_used: ix.tick, pins: 0, readers: 0, state: SlotState::Writing };
+        let i = ix.slots.take(slot);
+        let h = ix.hasher.hash_one(key);
+        let Index { table, slots, hasher, .. } = &mut *ix;
+        table.insert_unique(h, i, |&j| hasher.hash_one(slots.get(j).key));
+        ix.writing += 1;
+        let (ptr, len) = (self.arena.ptr(&extent), extent.len());
+        Ok(Reservation::Write(WriteTicket { store: self.clone(), slot: i, ptr, len, committed: false }))
     }
 
-    fn finish_write(&self, key: ObjectKey, object: Option<Allocation>) {
+    fn finish_write(&self, i: u32, commit: bool) {
         let mut ix = self.index.lock();
-        ix.writing.remove(&key);
-        if let Some(object) = object {
-            ix.ready.put(key, Entry { object: Arc::new(object), pins: 0 });
+        ix.writing -= 1;
+        if commit {
+            ix.tick = ix.tick.wrapping_add(1);
+            let t = ix.tick;
+            let s = ix.slots.get_mut(i);
+            s.state = SlotState::Ready;
+            s.last_used = t;
+            ix.ready += 1;
+            return;
         }
+        let slot = *ix.slots.get(i);
+        let h = ix.hasher.hash_one(slot.key);
+        if let Ok(entry) = ix.table.find_entry(h, |&j| j == i) {
+            entry.remove();
+        }
+        self.arena.free_extent(slot.extent);
+        ix.slots.give_back(i);
     }
 
     /// The object's bytes for reading, if it is ready.
-    pub fn read(&self, key: &ObjectKey) -> Option<Arc<Allocation>> {
-        self.index.lock().ready.get(key).map(|e| e.object.clone())
+    pub fn read(self: &Arc<Self>, key: &ObjectKey) -> Option<ReadGuard> {
+        let mut ix = self.index.lock();
+        let i = ix.find(key)?;
+        let s = ix.slots.get(i);
+        if s.state != SlotState::Ready || s.readers == u16::MAX {
+            return None;
+        }
+        let extent = s.extent;
+        ix.slots.get_mut(i).readers += 1;
+        ix.touch(i);
+        Some(ReadGuard { store: self.clone(), slot: i, ptr: self.arena.ptr(&extent), len: extent.len() })
+    }
+
+    fn finish_read(&self, i: u32) {
+        let mut ix = self.index.lock();
+        let s = ix.slots.get_mut(i);
+        s.readers -= 1;
+        if s.state == SlotState::Doomed && s.readers == 0 {
+            let extent = s.extent;
+            self.arena.free_extent(extent);
+            ix.slots.give_back(i);
+        }
     }
 
     /// How many leading chunks of `hashes` are ready for every rank of
@@ -181,8 +413,9 @@ impl L1Store {
         let mut found = 0usize;
         'chunks: for &hash in hashes {
             for rank in 0..world_size {
-                if ix.ready.get(&ObjectKey { model, rank, hash }).is_none() {
-                    break 'chunks;
+                match ix.find(&ObjectKey { model, rank, hash }) {
+                    Some(i) if ix.slots.get(i).state == SlotState::Ready => ix.touch(i),
+                    _ => break 'chunks,
                 }
             }
             found += 1;
@@ -192,8 +425,12 @@ impl L1Store {
         }
         for &hash in &hashes[..found] {
             for rank in 0..world_size {
-                if let Some(e) = ix.ready.peek_mut(&ObjectKey { model, rank, hash }) {
-                    e.pins += 1;
+                if let Some(i) = ix.find(&ObjectKey { model, rank, hash }) {
+                    let s = ix.slots.get_mut(i);
+                    s.pins = s.pins.saturating_add(1);
+                    if s.pins == 1 {
+                        ix.pinned += 1;
+                    }
                 }
             }
         }
@@ -210,14 +447,6 @@ impl L1Store {
         (found as u32, Some(LeaseId(id)))
     }
 
-    fn unpin(ix: &mut Index, model: ModelId, rank: u32, hashes: &[ChunkHash]) {
-        for &hash in hashes {
-            if let Some(e) = ix.ready.peek_mut(&ObjectKey { model, rank, hash }) {
-                e.pins = e.pins.saturating_sub(1);
-            }
-        }
-    }
-
     /// Releases `rank`'s share of a lease (after that rank's retrieve).
     pub fn release_rank(&self, lease: LeaseId, rank: u32) {
         let mut ix = self.index.lock();
@@ -225,11 +454,9 @@ impl L1Store {
         if !l.ranks.remove(&rank) {
             return;
         }
-        let (model, hashes, empty) = (l.model, l.hashes.clone(), l.ranks.is_empty());
-        if empty {
-            ix.leases.remove(&lease.0);
-        }
-        Self::unpin(&mut ix, model, rank, &hashes);
+        let (model, empty) = (l.model, l.ranks.is_empty());
+        let hashes = if empty { ix.leases.remove(&lease.0).map(|l| l.hashes) } else { ix.leases.get(&lease.0).map(|l| l.hashes.clone()) };
+        ix.unpin(model, rank, &hashes.unwrap_or_default());
     }
 
     /// Releases a whole lease. Returns whether it existed.
@@ -237,7 +464,7 @@ impl L1Store {
         let mut ix = self.index.lock();
         let Some(l) = ix.leases.remove(&lease.0) else { return false };
         for &rank in &l.ranks {
-            Self::unpin(&mut ix, l.model, rank, &l.hashes);
+            ix.unpin(l.model, rank, &l.hashes);
         }
         true
     }
@@ -261,13 +488,18 @@ impl L1Store {
     }
 
     /// Drops every ready object and lease. Objects being written finish
-    /// normally. Returns how many objects were dropped.
+    /// normally; objects being read go when their readers finish. Returns
+    /// how many objects were dropped.
     pub fn clear(&self) -> u64 {
         let mut ix = self.index.lock();
-        let n = ix.ready.len() as u64;
-        ix.ready.clear();
+        let dropped = ix.ready;
         ix.leases.clear();
-        n
+        for i in 0..ix.slots.used as u32 {
+            if ix.slots.get(i).state == SlotState::Ready {
+                ix.remove_ready(i, &self.arena);
+            }
+        }
+        dropped
     }
 
     pub fn usage(&self) -> L1Usage {
@@ -277,38 +509,55 @@ impl L1Store {
             capacity: arena.capacity,
             used: arena.used,
             slab_bytes: arena.slab_bytes,
-            objects: ix.ready.len() as u64,
-            writing: ix.writing.len() as u64,
-            evictions: ix.counters.evictions,
+            objects: ix.ready,
+            writing: ix.writing,
+            evictions: ix.evictions,
             leases: ix.leases.len() as u64,
-            pinned: ix.ready.iter().filter(|(_, e)| e.pins > 0).count() as u64,
+            pinned: ix.pinned,
         }
     }
 }
 
 impl WriteTicket {
-    /// Where to write the object.
-    pub fn object(&self) -> &Allocation {
-        self.object.as_ref().expect("a ticket holds its allocation until commit or drop")
-    }
-
     /// Makes the fully written object visible to lookups and retrieves.
     pub fn commit(mut self) {
-        let object = self.object.take();
-        self.store.finish_write(self.key, object);
+        self.committed = true;
+        self.store.finish_write(self.slot, true);
+    }
+}
+
+impl ObjectBytes for WriteTicket {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
 impl Drop for WriteTicket {
     fn drop(&mut self) {
-        if self.object.is_some() {
+        if !self.committed {
             // Not committed: discard, so nothing half-written is ever served.
-            self.object = None;
-            self.store.finish_write(self.key, None);
+            self.store.finish_write(self.slot, false);
         }
     }
 }
 
+impl ObjectBytes for ReadGuard {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        self.store.finish_read(self.slot);
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +624,42 @@ mod tests {
         store(&l1, k(1));
         let _lease = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, 0);
         assert!(matches!(l1.reserve(k(2), 4096).unwrap(), Reservation::NoSpace));
+    }
+
+    #[test]
+    fn an_object_evicted_while_read_keeps_its_bytes_until_the_reader_finishes() {
+        let l1 = L1Store::new(Arena::new(4096, 4096, Box::new(kvcoord_gpu::arena::HostSlabs)), Duration::from_secs(10));
+        let m = l1.model_id("m", 1);
+        let k = |n| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
+        store(&l1, k(1));
+        let reading = l1.read(&k(1)).unwrap();
+        assert!(matches!(l1.reserve(k(2), 4096).unwrap(), Reservation::NoSpace), "a read object is not evicted");
+        assert_eq!(l1.clear(), 1);
+        assert!(l1.read(&k(1)).is_none(), "cleared objects are gone from the index at once");
+        assert_eq!(l1.usage().used, 4096, "but their memory stays while read");
+        drop(reading);
+        assert_eq!(l1.usage().used, 0);
+        store(&l1, k(2));
+    }
+
+    #[test]
+    fn eviction_prefers_the_least_recently_used_among_many() {
+        let l1 = L1Store::new(Arena::new(64 * 4096, 64 * 4096, Box::new(kvcoord_gpu::arena::HostSlabs)), Duration::from_secs(10));
+        let m = l1.model_id("m", 1);
+        let k = |n: u8| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
+        for n in 0..64 {
+            store(&l1, k(n));
+        }
+        // Touch the second half: the first half is older.
+        for n in 32..64 {
+            assert!(l1.read(&k(n)).is_some());
+        }
+        for n in 100..116 {
+            store(&l1, k(n));
+        }
+        let recent_kept = (32..64).filter(|&n| l1.read(&k(n)).is_some()).count();
+        assert!(recent_kept >= 28, "sampled LRU evicts mostly old objects; kept {recent_kept} of 32 recent");
+        assert_eq!(l1.usage().evictions, 16);
     }
 
     #[test]

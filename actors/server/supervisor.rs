@@ -168,7 +168,10 @@ fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireErro
         return Err(invalid("model name is empty"));
     }
     r.layout.validate().map_err(|e| invalid(e.to_string()))?;
-    r.layout.blocks_per_chunk(chunk_tokens).map_err(|e| invalid(e.to_string()))?;
+    let per_chunk = r.layout.blocks_per_chunk(chunk_tokens).map_err(|e| invalid(e.to_string()))?;
+    if r.layout.chunk_object_bytes(per_chunk) > kvcoord_gpu::arena::MAX_SLAB_BYTES {
+        return Err(invalid("one chunk of this layout would be 4 GiB or more; use smaller chunks"));
+    }
     match &r.memory {
         kvcoord_gpu::MemoryHandle::HostFd { size } if *size != r.layout.total_bytes() => Err(WireError::new(
             ErrorKind::LayoutMismatch,

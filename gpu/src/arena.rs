@@ -5,11 +5,12 @@
 //! decide *what* to evict (that is the L1 store's job): when an allocation
 //! does not fit it says so and the caller evicts and retries.
 //!
-//! An [`Allocation`] returns its bytes to the arena when dropped, so memory is
-//! reclaimed exactly when the last holder (the index, or an in-flight copy)
-//! lets go: nothing can leak and nothing can be reused while still read.
+//! Two ways to hold arena bytes: an [`Extent`] (12 bytes, freed explicitly by
+//! its owner: the L1 index keeps millions of them) and an [`Allocation`]
+//! (an extent that frees itself on drop, for everyone else).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -20,6 +21,45 @@ use parking_lot::Mutex;
 pub const ARENA_ALIGN: u64 = 256;
 /// Slabs are whole pages.
 pub const PAGE: u64 = 4096;
+/// Offsets and lengths are `u32`: no slab or object reaches 4 GiB.
+pub const MAX_SLAB_BYTES: u64 = (u32::MAX as u64 + 1) - PAGE;
+/// Most slabs one arena takes (4096 x 256 MiB = 1 TiB).
+pub const MAX_SLABS: usize = 4096;
+
+/// Bytes the caller copies into or out of: an arena allocation, or an L1
+/// object's write ticket or read guard.
+pub trait ObjectBytes {
+    fn as_ptr(&self) -> *mut u8;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A run of arena bytes, 12 bytes to remember. Whoever holds it must give it
+/// back with [`Arena::free_extent`] exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    slab: u32,
+    offset: u32,
+    len: u32,
+}
+
+impl Extent {
+    /// An extent of nothing (a placeholder, never freed).
+    pub const EMPTY: Extent = Extent { slab: 0, offset: 0, len: 0 };
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes it holds in the arena (aligned).
+    pub fn reserved(&self) -> u64 {
+        round_up(self.len as u64)
+    }
+}
 
 /// One slab of backing memory. Implemented by anonymous host memory here and
 /// by pinned CUDA host memory in the CUDA backend.
@@ -85,6 +125,9 @@ struct ArenaInner {
     capacity: u64,
     source: Box<dyn SlabSource>,
     state: Mutex<ArenaState>,
+    /// Each slab's start address, written once when the slab is taken, so
+    /// turning an extent into a pointer takes no lock.
+    bases: Box<[AtomicUsize]>,
 }
 
 /// Usage figures for stats.
@@ -101,13 +144,10 @@ pub struct Arena {
     inner: Arc<ArenaInner>,
 }
 
-/// A run of arena bytes owned by one object; freed on drop.
+/// An extent that returns itself to the arena when dropped.
 pub struct Allocation {
-    arena: Arc<ArenaInner>,
-    slab: usize,
-    offset: u64,
-    reserved: u64,
-    len: u64,
+    arena: Arena,
+    extent: Extent,
     ptr: *mut u8,
 }
 
@@ -132,12 +172,13 @@ impl Arena {
     /// An arena of at most `capacity` bytes, taken from `source` in slabs of
     /// `slab_bytes` (rounded to pages) as they are needed.
     pub fn new(capacity: u64, slab_bytes: u64, source: Box<dyn SlabSource>) -> Self {
-        let slab_bytes = round_to_pages(slab_bytes.clamp(PAGE, capacity.max(PAGE)));
+        let slab_bytes = round_to_pages(slab_bytes.clamp(PAGE, capacity.max(PAGE))).min(MAX_SLAB_BYTES);
         Arena {
             inner: Arc::new(ArenaInner {
                 capacity,
                 source,
                 state: Mutex::new(ArenaState { slabs: Vec::new(), slab_bytes, used: 0 }),
+                bases: (0..MAX_SLABS).map(|_| AtomicUsize::new(0)).collect(),
             }),
         }
     }
@@ -160,11 +201,35 @@ impl Arena {
         }
     }
 
-    /// Allocates `len` bytes, or `None` when they do not fit (the caller may
-    /// evict and try again). Errors only if the slab source fails.
+    /// Allocates `len` bytes that free themselves on drop; `None` when they
+    /// do not fit. Errors only if the slab source fails.
     pub fn allocate(&self, len: u64) -> std::io::Result<Option<Allocation>> {
+        Ok(self.allocate_extent(len)?.map(|extent| Allocation { arena: self.clone(), extent, ptr: self.ptr(&extent) }))
+    }
+
+    /// Where an extent's bytes are.
+    pub fn ptr(&self, e: &Extent) -> *mut u8 {
+        let base = self.inner.bases[e.slab as usize].load(Ordering::Acquire) as *mut u8;
+        // SAFETY: the extent came from this arena, so its slab exists (its
+        // base was published before the extent was handed out) and
+        // offset + len lies inside the slab.
+        unsafe { base.add(e.offset as usize) }
+    }
+
+    /// Gives an extent back. Each extent must be freed exactly once.
+    pub fn free_extent(&self, e: Extent) {
+        self.inner.free(e.slab as usize, e.offset as u64, e.reserved());
+    }
+
+    /// Allocates `len` bytes to be freed with [`Arena::free_extent`], or
+    /// `None` when they do not fit (the caller may evict and try again).
+    /// Errors if the slab source fails or `len` is 4 GiB or more.
+    pub fn allocate_extent(&self, len: u64) -> std::io::Result<Option<Extent>> {
         if len == 0 {
             return Ok(None);
+        }
+        if len > MAX_SLAB_BYTES {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "objects must be smaller than 4 GiB"));
         }
         let need = round_up(len);
         let mut st = self.inner.state.lock();
@@ -182,10 +247,11 @@ impl Arena {
                 let have: u64 = st.slabs.iter().map(|s| s.mem.len() as u64).sum();
                 let room = self.inner.capacity.saturating_sub(have) / PAGE * PAGE;
                 let size = st.slab_bytes.max(round_to_pages(need)).min(room);
-                if size < need {
+                if size < need || st.slabs.len() == MAX_SLABS {
                     return Ok(None);
                 }
                 let mem = self.inner.source.allocate(size as usize)?;
+                self.inner.bases[st.slabs.len()].store(mem.ptr() as usize, Ordering::Release);
                 let mut free = BTreeMap::new();
                 free.insert(0, size);
                 st.slabs.push(SlabState { mem, free });
@@ -197,11 +263,8 @@ impl Arena {
         if flen > need {
             s.free.insert(offset + need, flen - need);
         }
-        // SAFETY: offset + need <= slab length (it came from a free range of
-        // this slab), so the pointer stays inside the slab's allocation.
-        let ptr = unsafe { s.mem.ptr().add(offset as usize) };
         st.used += need;
-        Ok(Some(Allocation { arena: self.inner.clone(), slab, offset, reserved: need, len, ptr }))
+        Ok(Some(Extent { slab: slab as u32, offset: offset as u32, len: len as u32 }))
     }
 }
 
@@ -227,27 +290,24 @@ impl ArenaInner {
 }
 
 impl Allocation {
-    /// Length requested by the caller (the object's size).
-    pub fn len(&self) -> usize {
-        self.len as usize
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Bytes this allocation holds in the arena (page-rounded).
+    /// Bytes this allocation holds in the arena (aligned).
     pub fn reserved(&self) -> u64 {
-        self.reserved
+        self.extent.reserved()
     }
-    /// Start of the allocation. Reads and writes through it are ordered by
-    /// the L1 store: one writer before commit, any number of readers after.
-    pub fn as_ptr(&self) -> *mut u8 {
+}
+
+impl ObjectBytes for Allocation {
+    fn as_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+    fn len(&self) -> usize {
+        self.extent.len()
     }
 }
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        self.arena.free(self.slab, self.offset, self.reserved);
+        self.arena.free_extent(self.extent);
     }
 }
 

@@ -5,7 +5,7 @@
 //! must never validate ids (a [`BlockId`] is already valid for its layout) nor
 //! decide which object to copy.
 
-use crate::arena::Allocation;
+use crate::arena::ObjectBytes;
 use crate::host::KvMemory;
 use crate::layout::{BlockId, KvLayout};
 
@@ -18,7 +18,7 @@ pub enum CopyError {
     ObjectSize { got: usize, need: u64 },
 }
 
-fn check(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &Allocation) -> Result<(), CopyError> {
+fn check(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &dyn ObjectBytes) -> Result<(), CopyError> {
     if (mem.len() as u64) < layout.total_bytes() {
         return Err(CopyError::MemoryTooSmall { got: mem.len(), need: layout.total_bytes() });
     }
@@ -46,7 +46,7 @@ fn for_each_block(layout: &KvLayout, blocks: &[BlockId], mut f: impl FnMut(usize
 }
 
 /// Copies the chunk's blocks out of `mem` into `obj`.
-pub fn gather(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &Allocation) -> Result<(), CopyError> {
+pub fn gather(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &dyn ObjectBytes) -> Result<(), CopyError> {
     check(layout, mem, blocks, obj)?;
     let (kv, dst) = (mem.base(), obj.as_ptr());
     for_each_block(layout, blocks, |k, o, len| {
@@ -61,7 +61,7 @@ pub fn gather(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &A
 }
 
 /// Copies `obj` into the chunk's blocks of `mem`.
-pub fn scatter(layout: &KvLayout, obj: &Allocation, mem: &dyn KvMemory, blocks: &[BlockId]) -> Result<(), CopyError> {
+pub fn scatter(layout: &KvLayout, obj: &dyn ObjectBytes, mem: &dyn KvMemory, blocks: &[BlockId]) -> Result<(), CopyError> {
     check(layout, mem, blocks, obj)?;
     let (kv, src) = (mem.base(), obj.as_ptr());
     for_each_block(layout, blocks, |k, o, len| {

@@ -11,7 +11,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 
-pub use arena::{Allocation, Arena, ArenaUsage};
+pub use arena::{Allocation, Arena, ArenaUsage, Extent, ObjectBytes};
 pub use host::{HostKvCache, HostMapping, KvMemory};
 pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError};
 pub use memory::{CudaIpcLayer, MemoryHandle};
