@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Admin HTTP API address (`host:port`), or `off`.
     pub admin: String,
+    /// Directory of the disk tier (off when unset).
+    pub disk_dir: Option<PathBuf>,
+    /// Capacity of the disk tier.
+    pub disk_size: ByteSize,
     /// Bearer token that `POST /clear` requires; without one, clear is refused.
     pub admin_token: Option<String>,
 }
@@ -79,6 +83,8 @@ impl Default for ServerConfig {
             fault_injection: false,
             log_format: LogFormat::Human,
             admin: "127.0.0.1:9464".to_string(),
+            disk_dir: None,
+            disk_size: ByteSize::gib(100),
             admin_token: None,
         }
     }
@@ -125,6 +131,9 @@ impl ServerConfig {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 return bad("admin", "must be `off` or an address like 127.0.0.1:9464");
             }
+        }
+        if self.disk_dir.is_some() && self.disk_size.as_u64() < (1 << 20) {
+            return bad("disk_size", "must be at least 1 MiB");
         }
         if self.admin_token.as_deref().is_some_and(str::is_empty) {
             return bad("admin_token", "must not be empty");

@@ -28,6 +28,8 @@ fn bench_quick_prints_every_scenario_beside_its_baseline() {
         "index: lookup 1-chunk prefix",
         "index: lookup 64-chunk prefix",
         "index: lookup 4096-chunk prefix",
+        "disk tier: lookup hit rate after restart",
+        "disk tier: retrieve after restart",
     ] {
         let line =
             stdout.lines().find(|l| l.starts_with(scenario)).unwrap_or_else(|| panic!("no `{scenario}` in\n{stdout}"));

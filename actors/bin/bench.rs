@@ -14,6 +14,8 @@
 //!    server listening to all 8 registered again and to the first store.
 //! 4. Index scale: lookups of 1, 64 and 4096-chunk prefixes against an index
 //!    of many chunk entries, and resident memory per entry.
+//! 5. Disk tier: lookup hit rate and retrieve GB/s after a SIGKILL + restart,
+//!    beside the same before the restart.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -555,6 +557,94 @@ async fn index_scale(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
     true
 }
 
+/// Stores prompts with the disk tier on, then compares hit rate and retrieve
+/// speed before and after a SIGKILL + restart.
+async fn disk_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
+    const CHUNKS: usize = 8;
+    let (socket, log, disk) = (dir.join("disk.sock"), dir.join("disk.log"), dir.join("disk"));
+    let args = ["--l1-size", "512MiB", "--disk-size", "4GiB", "--disk-dir", disk.to_str().expect("utf-8 path")];
+    let mut server = Server::start(&socket, &log, &args).expect("start");
+    if !wait_listening(&socket, Duration::from_secs(10)) {
+        return false;
+    }
+    let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.clone())));
+    let key = InstanceKey { engine: 31, rank: 0 };
+    let mut w = TpWorker::register(client, key, "bench-model", 1, vllm_like_layout(512), 256).await.expect("register");
+    let rounds = plan.timed_rounds.max(2);
+    let prompts: Vec<Vec<ChunkHash>> = (0..rounds).map(|r| prefix_hashes("bench-model", 31, r, CHUNKS, 256)).collect();
+    for h in &prompts {
+        w.store_prefix(h).await.expect("store");
+    }
+    let total = rounds * CHUNKS as u64;
+    let flushed = async |w: &TpWorker| {
+        for _ in 0..6000 {
+            if w.client.stats().await.is_ok_and(|s| s.disk_objects >= total && s.disk_backlog == 0) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    if !flushed(&w).await {
+        return false;
+    }
+    // Hit rate and retrieve speed over every prompt; false on a wrong byte.
+    async fn pass(w: &mut TpWorker, prompts: &[Vec<ChunkHash>]) -> Option<(f64, f64)> {
+        let (mut hits, mut asked, mut bytes, mut secs) = (0u64, 0u64, 0u64, 0.0);
+        for h in prompts {
+            let found = w.client.lookup(w.key, h.clone(), false).await;
+            hits += found.chunks as u64;
+            asked += h.len() as u64;
+            let blocks = w.pick_blocks(h.len(), &[]);
+            w.scribble(&blocks);
+            let t = Instant::now();
+            let got = w.client.retrieve(w.key, h.clone(), blocks.clone(), None).await;
+            secs += t.elapsed().as_secs_f64();
+            let v = w.verify_chunks(h, &blocks, got.prefix_retrieved());
+            if v.corrupt_chunks > 0 {
+                return None;
+            }
+            bytes += v.bytes_verified;
+        }
+        Some((hits as f64 * 100.0 / asked as f64, bytes as f64 / secs / 1e9))
+    }
+    let Some((hit_before, gbs_before)) = pass(&mut w, &prompts).await else { return false };
+    server.kill();
+    // Read after the restart from the disk, not from the page cache, where allowed.
+    let cold = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    server = Server::start(&socket, &log, &args).expect("restart");
+    if !wait_listening(&socket, Duration::from_secs(30)) {
+        return false;
+    }
+    for _ in 0..3000 {
+        if w.client.reregistrations() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let Some((hit_after, gbs_after)) = pass(&mut w, &prompts).await else { return false };
+    let cache = if cold { "page cache dropped" } else { "page cache warm" };
+    rows.push(Row {
+        scenario: format!("disk tier: lookup hit rate after restart ({total} chunks)"),
+        metric: "%",
+        kvcoord: hit_after,
+        baseline_name: "before restart",
+        baseline: hit_before,
+        unit: "%",
+    });
+    rows.push(Row {
+        scenario: format!("disk tier: retrieve after restart ({cache})"),
+        metric: "GB/s",
+        kvcoord: gbs_after,
+        baseline_name: "before restart",
+        baseline: gbs_before,
+        unit: "GB/s",
+    });
+    w.client.close();
+    drop(server);
+    true
+}
+
 async fn bench(args: BenchArgs, dir: PathBuf) -> ExitCode {
     let plan = if args.quick {
         Plan { samples: 5_000, pipeline: Duration::from_secs(2), timed_rounds: 2, cycles: 3, index_entries: 1_000_000 }
@@ -574,7 +664,7 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> ExitCode {
         eprintln!("kvcoord bench: servers did not start");
         return ExitCode::from(1);
     }
-    let bar = indicatif::ProgressBar::new(5);
+    let bar = indicatif::ProgressBar::new(6);
     bar.set_style(indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}").expect("template"));
     let mut rows = Vec::new();
     bar.set_message("control plane");
@@ -592,6 +682,9 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> ExitCode {
     bar.set_message("index scale");
     drop(server);
     ok &= index_scale(&plan, &dir, &mut rows).await;
+    bar.inc(1);
+    bar.set_message("disk tier");
+    ok &= disk_tier(&plan, &dir, &mut rows).await;
     bar.finish_and_clear();
 
     println!("kvcoord bench{}", if args.quick { " --quick" } else { "" });

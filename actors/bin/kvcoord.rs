@@ -81,6 +81,12 @@ struct ServeArgs {
     /// Admin HTTP API address (`host:port`), or `off`.
     #[arg(long, env = "KVCOORD_ADMIN")]
     admin: Option<String>,
+    /// Directory of the disk tier (chunks survive a restart); off when unset.
+    #[arg(long, env = "KVCOORD_DISK_DIR")]
+    disk_dir: Option<PathBuf>,
+    /// Capacity of the disk tier, e.g. `100GiB`.
+    #[arg(long, env = "KVCOORD_DISK_SIZE")]
+    disk_size: Option<bytesize::ByteSize>,
     /// Bearer token that the admin `POST /clear` requires (clear is refused without one).
     #[arg(long, env = "KVCOORD_ADMIN_TOKEN")]
     admin_token: Option<String>,
@@ -109,8 +115,12 @@ impl ServeArgs {
             grace_ms,
             lease_ttl_ms,
             shutdown_timeout_ms,
-            log_format
+            log_format,
+            disk_size
         );
+        if self.disk_dir.is_some() {
+            c.disk_dir = self.disk_dir.clone();
+        }
         if self.tcp.is_some() {
             c.tcp = self.tcp.clone();
         }

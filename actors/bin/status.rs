@@ -60,6 +60,18 @@ fn print_report(r: &StatusReport) {
         s.objects,
         s.evictions
     );
+    if s.disk_capacity > 0 {
+        println!(
+            "disk       {} of {} used, {} objects, {} read back, {} backlog, {} write errors, {} corrupt dropped",
+            ByteSize(s.disk_used),
+            ByteSize(s.disk_capacity),
+            s.disk_objects,
+            s.disk_hits,
+            ByteSize(s.disk_backlog),
+            s.disk_write_errors,
+            s.disk_corrupt
+        );
+    }
     println!("leases     {} ({} objects pinned)", s.leases, s.pinned_objects);
     println!(
         "lookups    {} (hit {} of {} chunks asked)   stores {}   retrieves {}",

@@ -16,7 +16,8 @@ use kvcoord_gpu::host::HostMemoryError;
 use kvcoord_gpu::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
-use super::l1::{ReadGuard, WriteTicket};
+use super::disk::{Buffer, DiskTier};
+use super::l1::{ObjectKey, ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
 
 /// Decides, exactly once, whether a copy job runs or is cancelled: the worker
@@ -75,14 +76,25 @@ pub struct GatherJob {
     pub gate: Arc<JobGate>,
 }
 
-/// Scatter L1 objects into blocks; `objects[i]` is `None` for a missing chunk.
+/// Where a retrieved chunk's bytes come from.
+pub enum ScatterSource {
+    /// A ready L1 object.
+    L1(ReadGuard),
+    /// The disk tier, read into a new L1 object (promoted on success).
+    Promote(ObjectKey, WriteTicket),
+    /// The disk tier, read into a buffer (L1 had no room).
+    DiskOnly(ObjectKey, Buffer),
+}
+
+/// Scatter chunks into blocks; `objects[i]` is `None` for a missing chunk.
 #[derive(Message)]
 #[rtype(result = "Result<(Vec<RetrieveOutcome>, u64), WireError>")]
 pub struct ScatterJob {
     pub layout: KvLayout,
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
-    pub objects: Vec<Option<ReadGuard>>,
+    pub objects: Vec<Option<ScatterSource>>,
+    pub disk: Option<Arc<DiskTier>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -180,11 +192,34 @@ impl Handler<ScatterJob> for GpuWorker {
         }
         let mut bytes = 0;
         let mut outcomes = Vec::with_capacity(job.objects.len());
-        for (i, object) in job.objects.iter().enumerate() {
-            match object {
-                Some(obj) => {
-                    copy::scatter(&job.layout, obj, job.memory.as_ref(), job.blocks.chunk(i)).map_err(internal)?;
-                    bytes += obj.len() as u64;
+        let scatter = |obj: &dyn ObjectBytes, i: usize| {
+            copy::scatter(&job.layout, obj, job.memory.as_ref(), job.blocks.chunk(i)).map_err(internal)
+        };
+        // A disk object is served only if it reads back whole and its
+        // checksum matches; otherwise it is dropped and reported missing.
+        let from_disk =
+            |key: &ObjectKey, into: &dyn ObjectBytes| job.disk.as_ref().is_some_and(|d| d.read_into(key, into).is_ok());
+        for (i, object) in job.objects.into_iter().enumerate() {
+            let served = match object {
+                Some(ScatterSource::L1(obj)) => {
+                    scatter(&obj, i)?;
+                    Some(obj.len())
+                }
+                Some(ScatterSource::Promote(key, ticket)) if from_disk(&key, &ticket) => {
+                    scatter(&ticket, i)?;
+                    let n = ticket.len();
+                    ticket.commit();
+                    Some(n)
+                }
+                Some(ScatterSource::DiskOnly(key, buf)) if from_disk(&key, &buf) => {
+                    scatter(&buf, i)?;
+                    Some(buf.len())
+                }
+                _ => None,
+            };
+            match served {
+                Some(n) => {
+                    bytes += n as u64;
                     outcomes.push(RetrieveOutcome::Retrieved);
                 }
                 None => outcomes.push(RetrieveOutcome::Missing),

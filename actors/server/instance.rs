@@ -14,7 +14,8 @@ use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
-use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob};
+use super::disk::{Buffer, WriteJob};
+use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::l1::{ModelId, ObjectKey, Reservation};
 use super::state::{Counters, ServerShared};
 use super::supervision::{ChildExited, DeathNotice};
@@ -51,6 +52,8 @@ pub struct CrashInstance;
 pub struct InstanceActor {
     pub key: InstanceKey,
     pub model: ModelId,
+    pub model_name: Arc<str>,
+    pub world_size: u32,
     pub layout: KvLayout,
     pub chunk_tokens: u32,
     pub memory: OpenedMemory,
@@ -63,7 +66,7 @@ impl InstanceActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         key: InstanceKey,
-        model: ModelId,
+        (model, model_name, world_size): (ModelId, Arc<str>, u32),
         layout: KvLayout,
         chunk_tokens: u32,
         memory: OpenedMemory,
@@ -73,7 +76,7 @@ impl InstanceActor {
         generation: u64,
     ) -> Self {
         let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
-        InstanceActor { key, model, layout, chunk_tokens, memory, worker, shared, notice }
+        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, worker, shared, notice }
     }
 
     fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
@@ -87,6 +90,24 @@ impl InstanceActor {
 
     fn object_key(&self, hash: ChunkHash) -> ObjectKey {
         ObjectKey { model: self.model, rank: self.key.rank, hash }
+    }
+
+    /// Where a chunk to retrieve is: L1, else the disk tier (promoted into a
+    /// new L1 object when there is room), else nowhere.
+    fn source(&self, key: ObjectKey, bytes: u64) -> Option<ScatterSource> {
+        let l1 = &self.shared.l1;
+        if let Some(guard) = l1.read(&key) {
+            return Some(ScatterSource::L1(guard));
+        }
+        let disk = self.shared.disk.as_ref()?;
+        if !disk.contains(&key) {
+            return None;
+        }
+        match l1.reserve(key, bytes) {
+            Ok(Reservation::Write(ticket)) => Some(ScatterSource::Promote(key, ticket)),
+            Ok(Reservation::AlreadyPresent) => l1.read(&key).map(ScatterSource::L1),
+            _ => Some(ScatterSource::DiskOnly(key, Buffer::zeroed(bytes as usize))),
+        }
     }
 }
 
@@ -143,6 +164,8 @@ impl Handler<StoreChunks> for InstanceActor {
             })
         })();
         let (worker, shared) = (self.worker.clone(), self.shared.clone());
+        let keys: Vec<ObjectKey> = msg.chunks.iter().map(|&h| self.object_key(h)).collect();
+        let (model_name, world_size) = (self.model_name.clone(), self.world_size);
         Box::pin(async move {
             let job = prepared?;
             if job.tickets.iter().all(Option::is_none) {
@@ -150,6 +173,15 @@ impl Handler<StoreChunks> for InstanceActor {
             }
             let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
             Counters::add(&shared.counters.bytes_stored, bytes);
+            if let Some(disk) = &shared.disk {
+                // Write behind: the store's reply does not wait for the disk.
+                for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
+                    if let Some(object) = shared.l1.read(key) {
+                        let job = WriteJob { key: *key, model: model_name.clone(), world_size, object };
+                        disk.enqueue(job);
+                    }
+                }
+            }
             Ok(ReplyBody::Stored(outcomes))
         })
     }
@@ -160,8 +192,10 @@ impl Handler<RetrieveChunks> for InstanceActor {
 
     fn handle(&mut self, msg: RetrieveChunks, _: &mut Self::Context) -> Self::Result {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
-            let objects = msg.chunks.iter().map(|&h| self.shared.l1.read(&self.object_key(h))).collect();
-            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, gate: msg.gate }
+            let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
+            let objects = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
+            let disk = self.shared.disk.clone();
+            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, disk, gate: msg.gate }
         });
         let (worker, shared, rank, lease) = (self.worker.clone(), self.shared.clone(), self.key.rank, msg.lease);
         Box::pin(async move {

@@ -197,6 +197,8 @@ pub struct L1Store {
     arena: Arena,
     index: Mutex<Index>,
     lease_ttl: Duration,
+    /// Tier 2: lookups count chunks held there too.
+    disk: std::sync::OnceLock<Arc<super::disk::DiskTier>>,
 }
 
 /// Random slots examined per eviction round, and rounds before a full scan.
@@ -306,7 +308,13 @@ impl L1Store {
                 models: HashMap::new(),
             }),
             lease_ttl,
+            disk: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes lookups see the disk tier too.
+    pub fn attach_disk(&self, disk: Arc<super::disk::DiskTier>) {
+        let _ = self.disk.set(disk);
     }
 
     pub fn arena_source(&self) -> &'static str {
@@ -411,10 +419,13 @@ impl L1Store {
     ) -> (u32, Option<LeaseId>) {
         let mut ix = self.index.lock();
         let mut found = 0usize;
+        let disk = self.disk.get();
         'chunks: for &hash in hashes {
             for rank in 0..world_size {
-                match ix.find(&ObjectKey { model, rank, hash }) {
+                let key = ObjectKey { model, rank, hash };
+                match ix.find(&key) {
                     Some(i) if ix.slots.get(i).state == SlotState::Ready => ix.touch(i),
+                    _ if disk.is_some_and(|d| d.contains(&key)) => {}
                     _ => break 'chunks,
                 }
             }
@@ -455,7 +466,11 @@ impl L1Store {
             return;
         }
         let (model, empty) = (l.model, l.ranks.is_empty());
-        let hashes = if empty { ix.leases.remove(&lease.0).map(|l| l.hashes) } else { ix.leases.get(&lease.0).map(|l| l.hashes.clone()) };
+        let hashes = if empty {
+            ix.leases.remove(&lease.0).map(|l| l.hashes)
+        } else {
+            ix.leases.get(&lease.0).map(|l| l.hashes.clone())
+        };
         ix.unpin(model, rank, &hashes.unwrap_or_default());
     }
 
@@ -644,7 +659,10 @@ mod tests {
 
     #[test]
     fn eviction_prefers_the_least_recently_used_among_many() {
-        let l1 = L1Store::new(Arena::new(64 * 4096, 64 * 4096, Box::new(kvcoord_gpu::arena::HostSlabs)), Duration::from_secs(10));
+        let l1 = L1Store::new(
+            Arena::new(64 * 4096, 64 * 4096, Box::new(kvcoord_gpu::arena::HostSlabs)),
+            Duration::from_secs(10),
+        );
         let m = l1.model_id("m", 1);
         let k = |n: u8| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
         for n in 0..64 {

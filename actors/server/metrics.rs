@@ -65,7 +65,7 @@ impl Metrics {
                 ("backend", backend.to_string()),
             ]),
         );
-        let mirror_defs: [Def; 10] = [
+        let mirror_defs: [Def; 15] = [
             ("bytes_stored", "Bytes copied into L1 by stores", |s| s.bytes_stored),
             ("bytes_retrieved", "Bytes copied out of L1 by retrieves", |s| s.bytes_retrieved),
             ("evictions", "L1 objects evicted to make room", |s| s.evictions),
@@ -80,6 +80,11 @@ impl Metrics {
             ("reclaimed_instances", "Instances of dead clients dropped after the grace period", |s| {
                 s.reclaimed_instances
             }),
+            ("disk_hits", "Objects read back from the disk tier", |s| s.disk_hits),
+            ("disk_writes", "Objects written to the disk tier", |s| s.disk_writes),
+            ("disk_write_errors", "Disk tier writes that failed (disk full, I/O error)", |s| s.disk_write_errors),
+            ("disk_corrupt", "Disk objects found torn or corrupt and dropped", |s| s.disk_corrupt),
+            ("disk_skipped", "Objects not written because the write-behind queue was full", |s| s.disk_skipped),
         ];
         let mirrors = mirror_defs
             .into_iter()
@@ -89,7 +94,7 @@ impl Metrics {
                 (c, get)
             })
             .collect();
-        let level_defs: [Def; 10] = [
+        let level_defs: [Def; 14] = [
             ("l1_used_bytes", "L1 bytes held by objects", |s| s.l1_used),
             ("l1_capacity_bytes", "L1 capacity", |s| s.l1_capacity),
             ("l1_slab_bytes", "L1 memory taken from the system", |s| s.l1_slab_bytes),
@@ -100,6 +105,10 @@ impl Metrics {
             ("sessions", "Open client connections", |s| s.sessions),
             ("mapped_bytes", "Registered KV-cache memory mapped", |s| s.mapped_bytes),
             ("uptime_seconds", "Seconds since start", |s| s.uptime_ms / 1000),
+            ("disk_capacity_bytes", "Disk tier capacity", |s| s.disk_capacity),
+            ("disk_used_bytes", "Disk tier bytes used", |s| s.disk_used),
+            ("disk_objects", "Objects on the disk tier", |s| s.disk_objects),
+            ("disk_backlog_bytes", "Bytes waiting to be written behind", |s| s.disk_backlog),
         ];
         let levels = level_defs
             .into_iter()

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod admin;
+pub mod disk;
 pub mod gpu_worker;
 pub mod instance;
 pub mod l1;
@@ -89,6 +90,16 @@ impl Coordinator {
         let backend = pick_backend(config.backend)?;
         let epoch = ServerEpoch::random();
         let l1 = L1Store::new(Arena::host(config.l1_size.as_u64()), Duration::from_millis(config.lease_ttl_ms));
+        // The disk index is rebuilt before anything is served.
+        let disk = match &config.disk_dir {
+            Some(dir) => {
+                let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), &l1)
+                    .map_err(|e| StartError::Backend(format!("disk tier at {}: {e}", dir.display())))?;
+                l1.attach_disk(tier.clone());
+                Some(tier)
+            }
+            None => None,
+        };
         let mut listeners = vec![Self::bind(&Endpoint::Unix(config.socket.clone())).await?];
         if let Some(tcp) = &config.tcp {
             listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone())).await?);
@@ -98,6 +109,7 @@ impl Coordinator {
             metrics: metrics::Metrics::new(epoch, backend),
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             admin: std::sync::OnceLock::new(),
+            disk,
             epoch,
             config,
             backend,

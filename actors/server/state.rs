@@ -80,6 +80,8 @@ pub struct ServerShared {
     pub endpoints: Vec<String>,
     /// Where the admin HTTP API listens, once it does.
     pub admin: OnceLock<String>,
+    /// The disk tier, if configured.
+    pub disk: Option<Arc<super::disk::DiskTier>>,
 }
 
 impl ServerShared {

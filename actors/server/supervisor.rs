@@ -227,7 +227,7 @@ impl Handler<Register> for Supervisor {
                     let generation = act.generation();
                     let actor = InstanceActor::new(
                         key,
-                        model,
+                        (model, Arc::from(r.model.as_str()), r.world_size),
                         r.layout,
                         act.shared.config.chunk_tokens,
                         memory,
@@ -377,6 +377,25 @@ impl Handler<InjectFault> for Supervisor {
     }
 }
 
+fn disk_stats(disk: Option<&super::disk::DiskTier>) -> ServerStats {
+    let Some(d) = disk else { return ServerStats::default() };
+    let (capacity, used, objects, backlog) = d.usage();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    ServerStats {
+        disk_capacity: capacity,
+        disk_used: used,
+        disk_objects: objects,
+        disk_backlog: backlog,
+        disk_hits: get(&d.counters.hits),
+        disk_writes: get(&d.counters.writes),
+        disk_write_errors: get(&d.counters.write_errors),
+        disk_corrupt: get(&d.counters.corrupt),
+        disk_recovered: get(&d.counters.recovered),
+        disk_skipped: get(&d.counters.skipped),
+        ..ServerStats::default()
+    }
+}
+
 impl Handler<GetStatus> for Supervisor {
     type Result = MessageResult<GetStatus>;
     fn handle(&mut self, _: GetStatus, ctx: &mut Self::Context) -> Self::Result {
@@ -445,6 +464,7 @@ impl Handler<GetStats> for Supervisor {
             connections: Counters::get(&c.connections),
             actor_restarts: Counters::get(&c.actor_restarts),
             reclaimed_instances: Counters::get(&c.reclaimed_instances),
+            ..disk_stats(s.disk.as_deref())
         })
     }
 }

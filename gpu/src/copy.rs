@@ -46,7 +46,12 @@ fn for_each_block(layout: &KvLayout, blocks: &[BlockId], mut f: impl FnMut(usize
 }
 
 /// Copies the chunk's blocks out of `mem` into `obj`.
-pub fn gather(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &dyn ObjectBytes) -> Result<(), CopyError> {
+pub fn gather(
+    layout: &KvLayout,
+    mem: &dyn KvMemory,
+    blocks: &[BlockId],
+    obj: &dyn ObjectBytes,
+) -> Result<(), CopyError> {
     check(layout, mem, blocks, obj)?;
     let (kv, dst) = (mem.base(), obj.as_ptr());
     for_each_block(layout, blocks, |k, o, len| {
@@ -61,7 +66,12 @@ pub fn gather(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &d
 }
 
 /// Copies `obj` into the chunk's blocks of `mem`.
-pub fn scatter(layout: &KvLayout, obj: &dyn ObjectBytes, mem: &dyn KvMemory, blocks: &[BlockId]) -> Result<(), CopyError> {
+pub fn scatter(
+    layout: &KvLayout,
+    obj: &dyn ObjectBytes,
+    mem: &dyn KvMemory,
+    blocks: &[BlockId],
+) -> Result<(), CopyError> {
     check(layout, mem, blocks, obj)?;
     let (kv, src) = (mem.base(), obj.as_ptr());
     for_each_block(layout, blocks, |k, o, len| {

@@ -249,6 +249,23 @@ pub struct ServerStats {
     pub connections: u64,
     pub actor_restarts: u64,
     pub reclaimed_instances: u64,
+    /// Disk tier (all zero when it is off).
+    pub disk_capacity: u64,
+    pub disk_used: u64,
+    pub disk_objects: u64,
+    /// Bytes queued for writing behind.
+    pub disk_backlog: u64,
+    /// Objects read back from disk.
+    pub disk_hits: u64,
+    pub disk_writes: u64,
+    /// Writes that failed (disk full, I/O error); those objects stay L1-only.
+    pub disk_write_errors: u64,
+    /// Objects found torn or corrupt (at start or at read) and dropped.
+    pub disk_corrupt: u64,
+    /// Objects found intact at start.
+    pub disk_recovered: u64,
+    /// Objects not written because the write-behind queue was full.
+    pub disk_skipped: u64,
 }
 
 /// What a successful request returns.

@@ -1,0 +1,413 @@
+//! Tier 2: chunk objects on local disk, so a restarted coordinator comes back
+//! warm. One file per object:
+//!
+//! ```text
+//! "KVC1" | header length: u32 LE | header (bincode: model, world size, rank,
+//! chunk hash, payload length) | payload | blake3(header || payload): 32 bytes
+//! ```
+//!
+//! Crash safety: a file is written under a temporary name and renamed into
+//! place only when complete, so a name ending in `.kvc` is never a partial
+//! write by this process. What a crash or a bad disk can still do (lose the
+//! tail of a renamed file's data, flip bits) is caught by the length check at
+//! start and the checksum at every read: such an object is dropped and
+//! counted, never served. Leftover temporary files are deleted at start.
+//!
+//! Writes are behind the store path: a committed L1 object is queued (its
+//! memory held by a read guard) for one writer thread; the queue is bounded
+//! in bytes and a store never waits for it. Capacity is kept by evicting the
+//! least recently used files. A failed write (disk full, I/O error) is
+//! counted and logged; the object simply stays L1-only.
+//!
+//! This module must never hold the L1 lock while doing I/O.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvcoord_gpu::ObjectBytes;
+use kvcoord_transport::ChunkHash;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::l1::{L1Store, ObjectKey, ReadGuard};
+
+const MAGIC: &[u8; 4] = b"KVC1";
+const MAX_HEADER: u32 = 4096;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    model: String,
+    world_size: u32,
+    rank: u32,
+    hash: ChunkHash,
+    payload: u64,
+}
+
+struct Entry {
+    file: String,
+    bytes: u64,
+    last_used: u64,
+}
+
+/// Counters for stats.
+#[derive(Default)]
+pub struct DiskCounters {
+    pub hits: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub recovered: AtomicU64,
+    pub skipped: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+/// One object to write.
+pub struct WriteJob {
+    pub key: ObjectKey,
+    pub model: Arc<str>,
+    pub world_size: u32,
+    pub object: ReadGuard,
+}
+
+/// Why an object could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskReadError {
+    #[error("not on disk")]
+    Missing,
+    #[error("corrupt object {0} dropped")]
+    Corrupt(String),
+}
+
+pub struct DiskTier {
+    dir: PathBuf,
+    capacity: u64,
+    index: Mutex<DiskIndex>,
+    queue: std::sync::mpsc::SyncSender<WriteJob>,
+    backlog: AtomicU64,
+    max_backlog: u64,
+    pub counters: DiskCounters,
+}
+
+struct DiskIndex {
+    entries: HashMap<ObjectKey, Entry, foldhash::fast::RandomState>,
+    used: u64,
+    tick: u64,
+}
+
+fn file_name(model: &str, world_size: u32, rank: u32, hash: &ChunkHash) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(model.as_bytes());
+    h.update(&world_size.to_le_bytes());
+    h.update(&rank.to_le_bytes());
+    h.update(&hash.0);
+    let hex: String = h.finalize().as_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.kvc")
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_HEADER as usize }>()
+}
+
+/// Reads and checks a file's header; returns it, its bytes, and whether the
+/// file's length matches.
+fn read_header(file: &mut File) -> std::io::Result<Option<(Header, Vec<u8>)>> {
+    let mut prefix = [0u8; 8];
+    if file.read_exact(&mut prefix).is_err() || &prefix[..4] != MAGIC {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(prefix[4..].try_into().expect("4 bytes"));
+    if len > MAX_HEADER {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; len as usize];
+    if file.read_exact(&mut bytes).is_err() {
+        return Ok(None);
+    }
+    match bincode::serde::decode_from_slice::<Header, _>(&bytes, bincode_config()) {
+        Ok((h, used)) if used == bytes.len() => Ok(Some((h, bytes))),
+        _ => Ok(None),
+    }
+}
+
+impl DiskTier {
+    /// Opens (creating) `dir`, rebuilds the index from the files there, and
+    /// starts the writer thread. Files that cannot be valid are deleted.
+    pub fn open(dir: &Path, capacity: u64, l1: &L1Store) -> std::io::Result<Arc<DiskTier>> {
+        std::fs::create_dir_all(dir)?;
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(4096);
+        let tier = Arc::new(DiskTier {
+            dir: dir.to_path_buf(),
+            capacity,
+            index: Mutex::new(DiskIndex { entries: HashMap::default(), used: 0, tick: 0 }),
+            queue: tx,
+            backlog: AtomicU64::new(0),
+            max_backlog: (capacity / 4).clamp(64 << 20, 1 << 30),
+            counters: DiskCounters::default(),
+        });
+        let (mut recovered, mut dropped, mut scanned) = (0u64, 0u64, 0u64);
+        let mut found: Vec<(ObjectKey, Entry)> = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            scanned += 1;
+            if scanned % 10_000 == 0 {
+                tracing::info!(scanned, recovered, dropped, "scanning the disk tier");
+            }
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+                dropped += 1;
+                continue;
+            }
+            if !name.ends_with(".kvc") {
+                continue;
+            }
+            let valid = (|| {
+                let mut f = File::open(entry.path()).ok()?;
+                let size = f.metadata().ok()?.len();
+                let (h, bytes) = read_header(&mut f).ok()??;
+                let expect = 8 + bytes.len() as u64 + h.payload + 32;
+                (size == expect && name == file_name(&h.model, h.world_size, h.rank, &h.hash)).then_some((h, size))
+            })();
+            match valid {
+                Some((h, size)) => {
+                    let mtime = entry.metadata().and_then(|m| m.modified()).ok();
+                    let age = mtime
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_micros() as u64);
+                    let key = ObjectKey { model: l1.model_id(&h.model, h.world_size), rank: h.rank, hash: h.hash };
+                    found.push((key, Entry { file: name, bytes: size, last_used: age }));
+                    recovered += 1;
+                }
+                None => {
+                    let _ = std::fs::remove_file(entry.path());
+                    dropped += 1;
+                }
+            }
+        }
+        // Oldest first, so ticks keep the files' recency order.
+        found.sort_by_key(|(_, e)| e.last_used);
+        {
+            let mut ix = tier.index.lock();
+            for (key, mut e) in found {
+                ix.tick += 1;
+                e.last_used = ix.tick;
+                ix.used += e.bytes;
+                ix.entries.insert(key, e);
+            }
+        }
+        tier.counters.recovered.store(recovered, Ordering::Relaxed);
+        tier.counters.corrupt.store(dropped, Ordering::Relaxed);
+        tracing::info!(
+            dir = %dir.display(), recovered, dropped_corrupt = dropped,
+            ms = started.elapsed().as_millis() as u64, "disk tier recovered"
+        );
+        tier.evict_to_capacity();
+        let writer = tier.clone();
+        std::thread::Builder::new().name("kvcoord-disk".into()).spawn(move || {
+            while let Ok(job) = rx.recv() {
+                writer.write(job);
+            }
+        })?;
+        Ok(tier)
+    }
+
+    /// Queues a committed object for writing; never blocks. Returns whether
+    /// it was queued.
+    pub fn enqueue(&self, job: WriteJob) -> bool {
+        if self.contains(&job.key) {
+            return false;
+        }
+        let bytes = job.object.len() as u64;
+        if self.backlog.fetch_add(bytes, Ordering::AcqRel) + bytes > self.max_backlog {
+            self.backlog.fetch_sub(bytes, Ordering::AcqRel);
+            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.queue.try_send(job).is_err() {
+            self.backlog.fetch_sub(bytes, Ordering::AcqRel);
+            self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        self.index.lock().entries.contains_key(key)
+    }
+
+    fn write(&self, job: WriteJob) {
+        let bytes = job.object.len() as u64;
+        let name = file_name(&job.model, job.world_size, job.key.rank, &job.key.hash);
+        let result = self.write_file(&name, &job);
+        drop(job.object);
+        self.backlog.fetch_sub(bytes, Ordering::AcqRel);
+        match result {
+            Ok(size) => {
+                self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                let mut ix = self.index.lock();
+                ix.tick += 1;
+                let tick = ix.tick;
+                if let Some(old) = ix.entries.insert(job.key, Entry { file: name, bytes: size, last_used: tick }) {
+                    ix.used -= old.bytes;
+                }
+                ix.used += size;
+                drop(ix);
+                self.evict_to_capacity();
+            }
+            Err(e) => {
+                let n = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(error = %e, failures = n + 1, "disk tier write failed; the object stays in L1 only");
+                }
+            }
+        }
+    }
+
+    fn write_file(&self, name: &str, job: &WriteJob) -> std::io::Result<u64> {
+        let header = Header {
+            model: job.model.to_string(),
+            world_size: job.world_size,
+            rank: job.key.rank,
+            hash: job.key.hash,
+            payload: job.object.len() as u64,
+        };
+        let hbytes = bincode::serde::encode_to_vec(&header, bincode_config()).map_err(std::io::Error::other)?;
+        // SAFETY: the read guard keeps the object's bytes alive and unwritten
+        // (Ready or Doomed) for as long as `job` lives.
+        let payload = unsafe { std::slice::from_raw_parts(job.object.as_ptr(), job.object.len()) };
+        let mut sum = blake3::Hasher::new();
+        sum.update(&hbytes);
+        sum.update(payload);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let result = (|| {
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            f.write_all(MAGIC)?;
+            f.write_all(&(hbytes.len() as u32).to_le_bytes())?;
+            f.write_all(&hbytes)?;
+            f.write_all(payload)?;
+            f.write_all(sum.finalize().as_bytes())?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+            std::fs::rename(&tmp, self.dir.join(name))
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(8 + hbytes.len() as u64 + payload.len() as u64 + 32)
+    }
+
+    fn evict_to_capacity(&self) {
+        loop {
+            let victim = {
+                let mut ix = self.index.lock();
+                if ix.used <= self.capacity {
+                    return;
+                }
+                let Some(key) = ix.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| *k) else { return };
+                let e = ix.entries.remove(&key).expect("just found");
+                ix.used -= e.bytes;
+                e.file
+            };
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            let _ = std::fs::remove_file(self.dir.join(victim));
+        }
+    }
+
+    fn drop_corrupt(&self, key: &ObjectKey, file: &str) {
+        let mut ix = self.index.lock();
+        if let Some(e) = ix.entries.remove(key) {
+            ix.used -= e.bytes;
+        }
+        drop(ix);
+        let _ = std::fs::remove_file(self.dir.join(file));
+        self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(file, "corrupt object on disk dropped");
+    }
+
+    /// Reads an object into `dst` (exactly its length), verifying the
+    /// checksum. A corrupt object is deleted and never returned.
+    pub fn read_into(&self, key: &ObjectKey, dst: &dyn ObjectBytes) -> Result<(), DiskReadError> {
+        let file = {
+            let mut ix = self.index.lock();
+            ix.tick += 1;
+            let tick = ix.tick;
+            let e = ix.entries.get_mut(key).ok_or(DiskReadError::Missing)?;
+            e.last_used = tick;
+            e.file.clone()
+        };
+        let ok = (|| {
+            let mut f = File::open(self.dir.join(&file)).ok()?;
+            let (h, hbytes) = read_header(&mut f).ok()??;
+            if h.payload != dst.len() as u64 || h.rank != key.rank || h.hash != key.hash {
+                return None;
+            }
+            // SAFETY: `dst` is a write ticket (exclusive until commit) or a
+            // buffer this thread owns, of exactly `dst.len()` bytes.
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr(), dst.len()) };
+            f.read_exact(out).ok()?;
+            let mut stored = [0u8; 32];
+            f.read_exact(&mut stored).ok()?;
+            let mut sum = blake3::Hasher::new();
+            sum.update(&hbytes);
+            sum.update(out);
+            (sum.finalize().as_bytes() == &stored).then_some(())
+        })();
+        match ok {
+            Some(()) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => {
+                self.drop_corrupt(key, &file);
+                Err(DiskReadError::Corrupt(file))
+            }
+        }
+    }
+
+    /// (capacity, used bytes, objects, backlog bytes).
+    pub fn usage(&self) -> (u64, u64, u64, u64) {
+        let ix = self.index.lock();
+        (self.capacity, ix.used, ix.entries.len() as u64, self.backlog.load(Ordering::Relaxed))
+    }
+}
+
+/// Owned bytes to read a disk object into when L1 has no room for it.
+pub struct Buffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Buffer {
+    pub fn zeroed(len: usize) -> Self {
+        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
+        Buffer { ptr, len }
+    }
+}
+
+// SAFETY: a Buffer uniquely owns its heap bytes (like a Box<[u8]>).
+unsafe impl Send for Buffer {}
+// SAFETY: `&Buffer` only exposes the pointer and length.
+unsafe impl Sync for Buffer {}
+
+impl ObjectBytes for Buffer {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` came from `Box::into_raw` of a boxed slice
+        // of exactly `len` bytes in `zeroed`, and are freed only here.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
