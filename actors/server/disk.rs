@@ -147,7 +147,9 @@ impl DiskTier {
             index: Mutex::new(DiskIndex { entries: HashMap::default(), used: 0, tick: 0 }),
             queue: tx,
             backlog: AtomicU64::new(0),
-            max_backlog: (capacity / 4).clamp(64 << 20, 1 << 30),
+            // Queued objects hold L1 memory (a read guard each): a quarter of
+            // L1 at most, so the backlog can never starve stores.
+            max_backlog: (capacity / 4).min(l1.usage().capacity / 4).clamp(32 << 20, 1 << 30),
             counters: DiskCounters::default(),
         });
         let (mut recovered, mut dropped, mut scanned) = (0u64, 0u64, 0u64);
