@@ -536,22 +536,16 @@ async fn index_scale(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
         let body = lookup_body(77, (start..start + prefix).map(hash).collect());
         let lat = sequential(&conn, &body, (plan.samples / 5).max(200)).await;
         let echo_like = sequential(&conn, &RequestBody::Ping, (plan.samples / 5).max(200)).await;
-        rows.push(Row {
-            scenario: format!("index: lookup {prefix}-chunk prefix (all hits)"),
-            metric: "p50",
-            kvcoord: percentile(&lat, 0.5),
-            baseline_name: "ping",
-            baseline: percentile(&echo_like, 0.5),
-            unit: "us",
-        });
-        rows.push(Row {
-            scenario: format!("index: lookup {prefix}-chunk prefix (all hits)"),
-            metric: "p99",
-            kvcoord: percentile(&lat, 0.99),
-            baseline_name: "ping",
-            baseline: percentile(&echo_like, 0.99),
-            unit: "us",
-        });
+        for (p, metric) in [(0.5, "p50"), (0.99, "p99")] {
+            rows.push(Row {
+                scenario: format!("index: lookup {prefix}-chunk prefix (all hits)"),
+                metric,
+                kvcoord: percentile(&lat, p),
+                baseline_name: "ping",
+                baseline: percentile(&echo_like, p),
+                unit: "us",
+            });
+        }
     }
     client.close();
     true
