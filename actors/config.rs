@@ -37,11 +37,16 @@ pub struct ServerConfig {
     pub tcp: Option<String>,
     /// L1 capacity.
     pub l1_size: ByteSize,
+    /// Take (and, on CUDA, pin) all of L1 at start instead of as it fills, so
+    /// no store pays for page pinning.
+    pub l1_prealloc: bool,
     /// Tokens per chunk (a whole number of every layout's blocks).
     pub chunk_tokens: u32,
     pub backend: BackendChoice,
     /// Copy lanes (GPU-worker actors) of the host backend.
     pub copy_lanes: u32,
+    /// CUDA streams per direction (store, retrieve) of each GPU worker.
+    pub gpu_streams: u32,
     /// How long a closed connection's instances are kept for a reconnect.
     pub grace_ms: u64,
     /// How long a lookup's lease pins its chunks at most.
@@ -71,9 +76,11 @@ impl Default for ServerConfig {
             socket: PathBuf::from("/tmp/kvcoord.sock"),
             tcp: None,
             l1_size: ByteSize::gib(1),
+            l1_prealloc: false,
             chunk_tokens: 256,
             backend: BackendChoice::Auto,
             copy_lanes: 2,
+            gpu_streams: kvcoord_gpu::cuda::engine::DEFAULT_STREAMS_PER_DIRECTION as u32,
             grace_ms: 5_000,
             lease_ttl_ms: 10_000,
             max_frame_bytes: kvcoord_transport::frame::DEFAULT_MAX_FRAME_BYTES,
@@ -114,6 +121,9 @@ impl ServerConfig {
         }
         if !(1..=64).contains(&self.copy_lanes) {
             return bad("copy_lanes", "must be between 1 and 64");
+        }
+        if !(1..=16).contains(&self.gpu_streams) {
+            return bad("gpu_streams", "must be between 1 and 16");
         }
         if self.l1_size.as_u64() < (1 << 20) {
             return bad("l1_size", "must be at least 1 MiB");

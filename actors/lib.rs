@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod gpu_workload;
 pub mod server;
 pub mod workload;
 

@@ -42,12 +42,12 @@ fn splitmix(mut x: u64) -> impl FnMut() -> u64 {
     }
 }
 
-fn pattern_seed(hash: &ChunkHash, rank: u32, layer: u32, plane: u32, i: u32) -> u64 {
+pub(crate) fn pattern_seed(hash: &ChunkHash, rank: u32, layer: u32, plane: u32, i: u32) -> u64 {
     let h = u64::from_le_bytes(hash.0[..8].try_into().expect("8 bytes"));
     h ^ ((rank as u64) << 48) ^ ((layer as u64) << 32) ^ ((plane as u64) << 24) ^ i as u64
 }
 
-fn fill(dst: &mut [u8], seed: u64) {
+pub(crate) fn fill(dst: &mut [u8], seed: u64) {
     let mut next = splitmix(seed);
     for word in dst.chunks_mut(8) {
         let v = next().to_le_bytes();
@@ -55,7 +55,7 @@ fn fill(dst: &mut [u8], seed: u64) {
     }
 }
 
-fn matches(src: &[u8], seed: u64) -> bool {
+pub(crate) fn matches(src: &[u8], seed: u64) -> bool {
     let mut next = splitmix(seed);
     src.chunks(8).all(|word| word == &next().to_le_bytes()[..word.len()])
 }

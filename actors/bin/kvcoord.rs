@@ -5,6 +5,7 @@
 mod bench;
 mod child;
 mod demo;
+mod gpu_check;
 mod load;
 mod status;
 
@@ -34,6 +35,11 @@ enum Command {
     Status(status::StatusArgs),
     /// Measure speed, each number beside a baseline measured in the same run.
     Bench(bench::BenchArgs),
+    /// The CUDA backend's end-to-end check and bandwidth benchmark (GPU machines).
+    GpuCheck(gpu_check::GpuCheckArgs),
+    /// One GPU TP worker client process (used by `gpu-check`).
+    #[command(hide = true)]
+    GpuWorker(gpu_check::GpuWorkerArgs),
     /// One pipelined-lookup client process (used by `bench`).
     #[command(hide = true)]
     LookupLoad(bench::LookupLoadArgs),
@@ -58,6 +64,9 @@ struct ServeArgs {
     /// L1 capacity, e.g. `4GiB`.
     #[arg(long, env = "KVCOORD_L1_SIZE")]
     l1_size: Option<bytesize::ByteSize>,
+    /// Take (and pin) all of L1 at start.
+    #[arg(long, env = "KVCOORD_L1_PREALLOC")]
+    l1_prealloc: bool,
     /// Tokens per chunk.
     #[arg(long, env = "KVCOORD_CHUNK_TOKENS")]
     chunk_tokens: Option<u32>,
@@ -66,6 +75,9 @@ struct ServeArgs {
     /// Copy lanes (GPU-worker actors) of the host backend.
     #[arg(long, env = "KVCOORD_COPY_LANES")]
     copy_lanes: Option<u32>,
+    /// CUDA streams per direction (store, retrieve) of each GPU worker.
+    #[arg(long, env = "KVCOORD_GPU_STREAMS")]
+    gpu_streams: Option<u32>,
     /// Milliseconds a closed connection's instances are kept.
     #[arg(long, env = "KVCOORD_GRACE_MS")]
     grace_ms: Option<u64>,
@@ -112,6 +124,7 @@ impl ServeArgs {
             chunk_tokens,
             backend,
             copy_lanes,
+            gpu_streams,
             grace_ms,
             lease_ttl_ms,
             shutdown_timeout_ms,
@@ -132,6 +145,9 @@ impl ServeArgs {
         }
         if self.enable_fault_injection {
             c.fault_injection = true;
+        }
+        if self.l1_prealloc {
+            c.l1_prealloc = true;
         }
         c.validate()?;
         Ok(c)
@@ -194,6 +210,8 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::LookupLoad(args) => bench::lookup_load(args),
         Command::Load(args) => load::run(args),
+        Command::GpuCheck(args) => gpu_check::run(args),
+        Command::GpuWorker(args) => gpu_check::worker(args),
     };
     // Copy-lane arbiter threads need no orderly join at exit.
     std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });

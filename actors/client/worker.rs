@@ -235,7 +235,20 @@ impl WorkerHandle {
         chunks: Vec<ChunkHash>,
         block_ids: Vec<u32>,
     ) -> Result<Vec<StoreOutcome>, RequestError> {
-        let body = RequestBody::Store(StoreChunks { instance, chunks, block_ids, ready_event: None });
+        self.store_after(instance, chunks, block_ids, None).await
+    }
+
+    /// Stores chunks once `ready_event` (the IPC handle of an event the
+    /// engine recorded after writing the blocks; CUDA memory only) fires:
+    /// the coordinator's store stream waits for it, this call does not.
+    pub async fn store_after(
+        &self,
+        instance: InstanceKey,
+        chunks: Vec<ChunkHash>,
+        block_ids: Vec<u32>,
+        ready_event: Option<Vec<u8>>,
+    ) -> Result<Vec<StoreOutcome>, RequestError> {
+        let body = RequestBody::Store(StoreChunks { instance, chunks, block_ids, ready_event });
         match self.call(body, self.core.cfg.request_timeout).await? {
             ReplyBody::Stored(o) => Ok(o),
             other => Err(unexpected(other)),

@@ -1,10 +1,17 @@
-//! The GPU-worker actor: one per device (on the host backend, one per copy
-//! lane), each on its own arbiter thread. It opens registered memory and runs
-//! the gathers (store) and scatters (retrieve) of the instances routed to it.
+//! The GPU-worker actor: one per CUDA device (and, for memfd clients, one
+//! per host copy lane), each on its own arbiter thread. It opens registered
+//! memory and runs the gathers (store) and scatters (retrieve) of the
+//! instances routed to it.
 //!
-//! It owns the copy thread (and, on CUDA, the context and streams). It must
-//! never touch the index except through the write tickets and object handles
-//! a job carries, and never start a job whose deadline path cancelled it.
+//! On a device it owns the [`CopyEngine`] (context, store stream,
+//! higher-priority retrieve stream, copy kernel): a job is queued on the GPU
+//! and the worker moves on; the job's reply is built when the engine hands
+//! back its payload after the copy finished, so "done" and the bytes arrive
+//! as one value. On a host lane it copies on its own thread.
+//!
+//! It must never touch the index except through the write tickets and object
+//! handles a job carries, and never start a job whose deadline path
+//! cancelled it.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
@@ -12,6 +19,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use kvcoord_gpu::cuda::engine::chunk_segments;
+use kvcoord_gpu::cuda::ipc::IpcOpenError;
+use kvcoord_gpu::cuda::{CopyDirection, CopyEngine, CudaDevice, IpcKvMemory, Segment};
 use kvcoord_gpu::host::HostMemoryError;
 use kvcoord_gpu::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
@@ -50,9 +60,15 @@ pub enum MemoryIdentity {
     Cuda(Vec<Vec<u8>>),
 }
 
-/// Memory opened for an instance. Dropped (unmapped) when the instance and
-/// every in-flight copy holding it are gone.
-pub type OpenedMemory = Arc<dyn KvMemory>;
+/// Memory opened for an instance. Released (unmapped, or IPC-closed) when
+/// the instance and every in-flight copy holding it are gone.
+#[derive(Clone)]
+pub enum OpenedMemory {
+    /// A mapped memfd, copied by a host lane.
+    Host(Arc<dyn KvMemory>),
+    /// Device memory opened by CUDA IPC, copied by its device's engine.
+    Cuda(Arc<IpcKvMemory>),
+}
 
 /// Open registered memory on this worker's device.
 #[derive(Message)]
@@ -73,6 +89,8 @@ pub struct GatherJob {
     pub blocks: ChunkBlocks,
     pub tickets: Vec<Option<WriteTicket>>,
     pub outcomes: Vec<StoreOutcome>,
+    /// IPC handle of the engine's "KV ready" event (CUDA memory only).
+    pub ready_event: Option<Vec<u8>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -103,14 +121,48 @@ pub struct ScatterJob {
 #[rtype(result = "()")]
 pub struct Crash;
 
+/// What a worker copies with.
+enum Copier {
+    /// Its own thread (memfd memory).
+    Host,
+    /// A device's copy engine; `Err` says why it could not start.
+    Cuda(Arc<CudaDevice>, Result<CopyEngine, String>),
+}
+
 pub struct GpuWorker {
     lane: u32,
+    copier: Copier,
     _notice: DeathNotice,
 }
 
 impl GpuWorker {
-    pub fn new(lane: u32, generation: u64, supervisor: Recipient<ChildExited>) -> Self {
-        GpuWorker { lane, _notice: DeathNotice::new(supervisor, ChildExited::Worker { lane, generation }) }
+    /// A worker for lane `lane`: a device's (with that many streams per
+    /// direction) when `device` is given, else a host copy lane. Call on the worker's own arbiter thread.
+    pub fn new(
+        lane: u32,
+        generation: u64,
+        supervisor: Recipient<ChildExited>,
+        device: Option<(Arc<CudaDevice>, usize)>,
+    ) -> Self {
+        let copier = match device {
+            None => Copier::Host,
+            Some((d, streams)) => {
+                let engine = CopyEngine::new(d.clone(), streams).map_err(|e| e.to_string());
+                if let Err(e) = &engine {
+                    tracing::error!(lane, device = %d.uuid_string(), error = %e, "copy engine failed to start");
+                }
+                Copier::Cuda(d, engine)
+            }
+        };
+        GpuWorker { lane, copier, _notice: DeathNotice::new(supervisor, ChildExited::Worker { lane, generation }) }
+    }
+
+    fn engine(&self) -> Result<&CopyEngine, WireError> {
+        match &self.copier {
+            Copier::Cuda(_, Ok(engine)) => Ok(engine),
+            Copier::Cuda(_, Err(e)) => Err(WireError::new(ErrorKind::Unavailable, format!("copy engine down: {e}"))),
+            Copier::Host => Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to a host copy lane")),
+        }
     }
 }
 
@@ -118,7 +170,12 @@ impl Actor for GpuWorker {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Self::Context) {
-        tracing::debug!(lane = self.lane, "gpu worker started");
+        match &self.copier {
+            Copier::Host => tracing::debug!(lane = self.lane, "host copy lane started"),
+            Copier::Cuda(d, _) => {
+                tracing::info!(lane = self.lane, device = %d.uuid_string(), name = d.name(), "gpu worker started")
+            }
+        }
     }
 }
 
@@ -149,12 +206,23 @@ impl Handler<OpenMemory> for GpuWorker {
                     }
                     HostMemoryError::Io { .. } => internal(e),
                 })?;
-                Ok((Arc::new(map), identity))
+                Ok((OpenedMemory::Host(Arc::new(map)), identity))
             }
-            MemoryHandle::CudaIpc { .. } => Err(WireError::new(
-                ErrorKind::InvalidArgument,
-                "this coordinator runs the host backend; CUDA IPC memory needs the CUDA backend",
-            )),
+            MemoryHandle::CudaIpc { device_uuid, layers } => {
+                let Copier::Cuda(device, _) = &self.copier else {
+                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to a host copy lane"));
+                };
+                if device.uuid() != device_uuid {
+                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to another device's worker"));
+                }
+                let identity = MemoryIdentity::Cuda(layers.iter().map(|l| l.handle.clone()).collect());
+                let mem = IpcKvMemory::open(device.clone(), &msg.layout, &layers).map_err(|e| match e {
+                    IpcOpenError::LayoutMismatch(m) => WireError::new(ErrorKind::LayoutMismatch, m),
+                    IpcOpenError::InvalidArgument(m) => WireError::new(ErrorKind::InvalidArgument, m),
+                    IpcOpenError::Cuda(e) => internal(e),
+                })?;
+                Ok((OpenedMemory::Cuda(Arc::new(mem)), identity))
+            }
         }
     }
 }
@@ -164,69 +232,224 @@ fn internal(e: impl std::fmt::Display) -> WireError {
 }
 
 impl Handler<GatherJob> for GpuWorker {
-    type Result = Result<(Vec<StoreOutcome>, u64), WireError>;
+    type Result = ResponseFuture<Result<(Vec<StoreOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: GatherJob, _: &mut Self::Context) -> Self::Result {
-        if !job.gate.start() {
-            return Err(cancelled());
+        match job.memory.clone() {
+            OpenedMemory::Host(mem) => Box::pin(std::future::ready(gather_on_host(job, mem.as_ref()))),
+            OpenedMemory::Cuda(mem) => match self.engine().and_then(|e| gather_on_device(e, job, mem)) {
+                Ok(done) => Box::pin(async move { done.await.unwrap_or_else(|_| Err(engine_lost())) }),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            },
         }
-        let mut outcomes = job.outcomes;
-        let mut bytes = 0;
-        for (i, ticket) in job.tickets.into_iter().enumerate() {
-            let Some(ticket) = ticket else { continue };
-            copy::gather(&job.layout, job.memory.as_ref(), job.blocks.chunk(i), &ticket).map_err(internal)?;
-            bytes += ticket.len() as u64;
-            ticket.commit();
-            outcomes[i] = StoreOutcome::Stored;
-        }
-        Ok((outcomes, bytes))
     }
 }
 
+fn gather_on_host(job: GatherJob, mem: &dyn KvMemory) -> Result<(Vec<StoreOutcome>, u64), WireError> {
+    if job.ready_event.is_some() {
+        return Err(WireError::new(ErrorKind::InvalidArgument, "a ready event needs CUDA-registered memory"));
+    }
+    if !job.gate.start() {
+        return Err(cancelled());
+    }
+    let mut outcomes = job.outcomes;
+    let mut bytes = 0;
+    for (i, ticket) in job.tickets.into_iter().enumerate() {
+        let Some(ticket) = ticket else { continue };
+        copy::gather(&job.layout, mem, job.blocks.chunk(i), &ticket).map_err(internal)?;
+        bytes += ticket.len() as u64;
+        ticket.commit();
+        outcomes[i] = StoreOutcome::Stored;
+    }
+    Ok((outcomes, bytes))
+}
+
+fn engine_lost() -> WireError {
+    WireError::new(ErrorKind::Unavailable, "the copy engine stopped before the copy completed")
+}
+
+type CopyDone<T> = tokio::sync::oneshot::Receiver<Result<T, WireError>>;
+
+/// Queues one kernel gathering every chunk with a ticket into its pinned L1
+/// object; the tickets commit on the completion thread after the copy.
+fn gather_on_device(
+    engine: &CopyEngine,
+    job: GatherJob,
+    mem: Arc<IpcKvMemory>,
+) -> Result<CopyDone<(Vec<StoreOutcome>, u64)>, WireError> {
+    let wait = job
+        .ready_event
+        .as_deref()
+        .map(|h| mem.ready_event(h))
+        .transpose()
+        .map_err(|e| WireError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    if !job.gate.start() {
+        return Err(cancelled());
+    }
+    let mut segments: Vec<Segment> = Vec::new();
+    for (i, ticket) in job.tickets.iter().enumerate() {
+        if let Some(t) = ticket {
+            let addr = t.as_ptr() as u64;
+            chunk_segments(
+                &job.layout,
+                mem.layer_addrs(),
+                job.blocks.chunk(i),
+                addr,
+                CopyDirection::Gather,
+                &mut segments,
+            );
+        }
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tickets, mut outcomes) = (job.tickets, job.outcomes);
+    let done = move |r: Result<(), kvcoord_gpu::cuda::CudaError>| {
+        let _hold = mem;
+        let result = r.map_err(internal).map(|_| {
+            let mut bytes = 0;
+            for (i, t) in tickets.into_iter().enumerate() {
+                if let Some(t) = t {
+                    bytes += t.len() as u64;
+                    t.commit();
+                    outcomes[i] = StoreOutcome::Stored;
+                }
+            }
+            (outcomes, bytes)
+        });
+        let _ = tx.send(result);
+    };
+    // SAFETY: each segment reads one block plane of the instance's opened
+    // layers (ids validated against its layout, regions checked against the
+    // allocations at open) and writes inside one write ticket's pinned L1
+    // object, which nobody else writes or reads until it commits. Both the
+    // memory and the tickets are owned by `done`, which runs after the copy.
+    unsafe { engine.submit(CopyDirection::Gather, &segments, wait, done) }.map_err(internal)?;
+    Ok(rx)
+}
+
 impl Handler<ScatterJob> for GpuWorker {
-    type Result = Result<(Vec<RetrieveOutcome>, u64), WireError>;
+    type Result = ResponseFuture<Result<(Vec<RetrieveOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: ScatterJob, _: &mut Self::Context) -> Self::Result {
-        if !job.gate.start() {
-            return Err(cancelled());
+        match job.memory.clone() {
+            OpenedMemory::Host(mem) => Box::pin(std::future::ready(scatter_on_host(job, mem.as_ref()))),
+            OpenedMemory::Cuda(mem) => match self.engine().and_then(|e| scatter_on_device(e, job, mem)) {
+                Ok(done) => Box::pin(async move { done.await.unwrap_or_else(|_| Err(engine_lost())) }),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            },
         }
-        let mut bytes = 0;
-        let mut outcomes = Vec::with_capacity(job.objects.len());
-        let scatter = |obj: &dyn ObjectBytes, i: usize| {
-            copy::scatter(&job.layout, obj, job.memory.as_ref(), job.blocks.chunk(i)).map_err(internal)
-        };
-        // A disk object is served only if it reads back whole and its
-        // checksum matches; otherwise it is dropped and reported missing.
-        let from_disk =
-            |key: &ObjectKey, into: &dyn ObjectBytes| job.disk.as_ref().is_some_and(|d| d.read_into(key, into).is_ok());
-        for (i, object) in job.objects.into_iter().enumerate() {
-            let served = match object {
-                Some(ScatterSource::L1(obj)) => {
-                    scatter(&obj, i)?;
-                    Some(obj.len())
-                }
-                Some(ScatterSource::Promote(key, ticket)) if from_disk(&key, &ticket) => {
-                    scatter(&ticket, i)?;
-                    let n = ticket.len();
-                    ticket.commit();
-                    Some(n)
-                }
-                Some(ScatterSource::DiskOnly(key, buf)) if from_disk(&key, &buf) => {
-                    scatter(&buf, i)?;
-                    Some(buf.len())
-                }
-                _ => None,
-            };
-            match served {
-                Some(n) => {
-                    bytes += n as u64;
-                    outcomes.push(RetrieveOutcome::Retrieved);
-                }
-                None => outcomes.push(RetrieveOutcome::Missing),
-            }
-        }
-        Ok((outcomes, bytes))
     }
+}
+
+/// A disk object is served only if it reads back whole and its checksum
+/// matches; otherwise it is dropped and reported missing.
+fn read_from_disk(disk: &Option<Arc<DiskTier>>, key: &ObjectKey, into: &dyn ObjectBytes) -> bool {
+    disk.as_ref().is_some_and(|d| d.read_into(key, into).is_ok())
+}
+
+fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveOutcome>, u64), WireError> {
+    if !job.gate.start() {
+        return Err(cancelled());
+    }
+    let mut bytes = 0;
+    let mut outcomes = Vec::with_capacity(job.objects.len());
+    let scatter =
+        |obj: &dyn ObjectBytes, i: usize| copy::scatter(&job.layout, obj, mem, job.blocks.chunk(i)).map_err(internal);
+    for (i, object) in job.objects.into_iter().enumerate() {
+        let served = match object {
+            Some(ScatterSource::L1(obj)) => {
+                scatter(&obj, i)?;
+                Some(obj.len())
+            }
+            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
+                scatter(&ticket, i)?;
+                let n = ticket.len();
+                ticket.commit();
+                Some(n)
+            }
+            Some(ScatterSource::DiskOnly(key, buf)) if read_from_disk(&job.disk, &key, &buf) => {
+                scatter(&buf, i)?;
+                Some(buf.len())
+            }
+            _ => None,
+        };
+        match served {
+            Some(n) => {
+                bytes += n as u64;
+                outcomes.push(RetrieveOutcome::Retrieved);
+            }
+            None => outcomes.push(RetrieveOutcome::Missing),
+        }
+    }
+    Ok((outcomes, bytes))
+}
+
+/// Queues one kernel scattering every servable chunk from pinned L1 into the
+/// instance's blocks; the reply is built after the copy finished. Disk
+/// objects are first read into their new (pinned) L1 object on this thread;
+/// a disk object with no L1 room is reported missing (the kernel reads only
+/// pinned memory).
+fn scatter_on_device(
+    engine: &CopyEngine,
+    job: ScatterJob,
+    mem: Arc<IpcKvMemory>,
+) -> Result<CopyDone<(Vec<RetrieveOutcome>, u64)>, WireError> {
+    if !job.gate.start() {
+        return Err(cancelled());
+    }
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut outcomes = Vec::with_capacity(job.objects.len());
+    let mut held = Vec::with_capacity(job.objects.len());
+    let mut bytes = 0;
+    for (i, object) in job.objects.into_iter().enumerate() {
+        let servable = match object {
+            Some(ScatterSource::L1(obj)) => Some(ScatterSource::L1(obj)),
+            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
+                Some(ScatterSource::Promote(key, ticket))
+            }
+            _ => None,
+        };
+        let Some(source) = servable else {
+            outcomes.push(RetrieveOutcome::Missing);
+            continue;
+        };
+        let obj: &dyn ObjectBytes = match &source {
+            ScatterSource::L1(g) => g,
+            ScatterSource::Promote(_, t) => t,
+            ScatterSource::DiskOnly(_, b) => b,
+        };
+        bytes += obj.len() as u64;
+        let addr = obj.as_ptr() as u64;
+        chunk_segments(
+            &job.layout,
+            mem.layer_addrs(),
+            job.blocks.chunk(i),
+            addr,
+            CopyDirection::Scatter,
+            &mut segments,
+        );
+        outcomes.push(RetrieveOutcome::Retrieved);
+        held.push(source);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = move |r: Result<(), kvcoord_gpu::cuda::CudaError>| {
+        let _hold = mem;
+        let result = r.map_err(internal).map(|_| {
+            for source in held {
+                if let ScatterSource::Promote(_, ticket) = source {
+                    ticket.commit();
+                }
+            }
+            (outcomes, bytes)
+        });
+        let _ = tx.send(result);
+    };
+    // SAFETY: each segment reads one committed L1 object (held by a read
+    // guard) or a promoted object this job alone writes (its write ticket),
+    // both pinned, and writes one block plane of the instance's opened
+    // layers (ids validated, regions checked at open). `done` owns the
+    // guards, tickets and memory until the copy finished.
+    unsafe { engine.submit(CopyDirection::Scatter, &segments, None, done) }.map_err(internal)?;
+    Ok(rx)
 }
 
 impl Handler<Crash> for GpuWorker {

@@ -26,6 +26,8 @@ use super::supervision::{ChildExited, DeathNotice};
 pub struct StoreChunks {
     pub chunks: Vec<ChunkHash>,
     pub block_ids: Vec<u32>,
+    /// IPC handle of the engine's "KV ready" event, for CUDA memory.
+    pub ready_event: Option<Vec<u8>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -160,6 +162,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 blocks,
                 tickets,
                 outcomes,
+                ready_event: msg.ready_event,
                 gate: msg.gate,
             })
         })();

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dashmap::DashMap;
+use kvcoord_gpu::cuda::{CopyEngine, CudaDevice, PinnedSlabs};
 use kvcoord_gpu::Arena;
 use kvcoord_transport::stream::write_loop;
 use kvcoord_transport::{
@@ -60,25 +61,59 @@ pub struct Coordinator {
     stop_accepting: watch::Sender<bool>,
 }
 
-fn pick_backend(choice: BackendChoice) -> Result<&'static str, StartError> {
-    let driver = kvcoord_gpu::cuda::driver_present();
-    match choice {
-        BackendChoice::Host => Ok("host"),
-        BackendChoice::Auto if !driver => {
-            tracing::info!("no CUDA driver found; using the host backend");
-            Ok("host")
-        }
-        BackendChoice::Auto => {
-            tracing::warn!(
-                "a CUDA driver is present but this build has no CUDA copy backend yet; using the host backend"
-            );
-            Ok("host")
-        }
-        BackendChoice::Cuda => Err(StartError::Backend(
-            "the CUDA backend is not implemented in this build; use --backend host or auto".into(),
-        )),
-    }
+/// The backend a coordinator runs, and the devices it serves.
+struct Backend {
+    name: &'static str,
+    devices: Vec<Arc<CudaDevice>>,
 }
+
+/// Opens every visible device and checks that the copy kernel loads on each,
+/// so a broken CUDA setup fails at start, not at the first copy.
+fn open_devices(streams: usize) -> Result<Vec<Arc<CudaDevice>>, String> {
+    let devices = CudaDevice::all().map_err(|e| e.to_string())?;
+    if devices.is_empty() {
+        return Err("the CUDA driver shows no device".into());
+    }
+    for d in &devices {
+        CopyEngine::new(d.clone(), streams).map_err(|e| format!("device {}: {e}", d.uuid_string()))?;
+    }
+    Ok(devices)
+}
+
+fn pick_backend(choice: BackendChoice, streams: usize) -> Result<Backend, StartError> {
+    let host = || Backend { name: "host", devices: Vec::new() };
+    // `driver_present` is the only CUDA call made before we know libcuda
+    // exists: cudarc panics on any other call without it.
+    let driver = kvcoord_gpu::cuda::driver_present();
+    let backend = match choice {
+        BackendChoice::Host => host(),
+        BackendChoice::Auto if !driver => {
+            tracing::info!("no CUDA driver found; falling back to the host backend");
+            host()
+        }
+        BackendChoice::Auto => match open_devices(streams) {
+            Ok(devices) => Backend { name: "cuda", devices },
+            Err(e) => {
+                tracing::warn!(error = %e, "a CUDA driver is present but unusable; falling back to the host backend");
+                host()
+            }
+        },
+        BackendChoice::Cuda if !driver => {
+            return Err(StartError::Backend("--backend cuda: no CUDA driver on this machine".into()))
+        }
+        BackendChoice::Cuda => {
+            let devices = open_devices(streams).map_err(|e| StartError::Backend(format!("--backend cuda: {e}")))?;
+            Backend { name: "cuda", devices }
+        }
+    };
+    for d in &backend.devices {
+        tracing::info!(ordinal = d.ordinal(), uuid = %d.uuid_string(), name = d.name(), "CUDA device served");
+    }
+    Ok(backend)
+}
+
+/// Pinned L1 is taken in slabs of this size as it fills.
+const L1_SLAB_BYTES: u64 = 256 << 20;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -87,9 +122,24 @@ impl Coordinator {
     /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
     pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
         config.validate()?;
-        let backend = pick_backend(config.backend)?;
+        let Backend { name: backend, devices } = pick_backend(config.backend, config.gpu_streams as usize)?;
         let epoch = ServerEpoch::random();
-        let l1 = L1Store::new(Arena::host(config.l1_size.as_u64()), Duration::from_millis(config.lease_ttl_ms));
+        // On CUDA, L1 is pinned (portable) so every device's kernel reaches it.
+        let arena = match devices.first() {
+            Some(d) => Arena::new(config.l1_size.as_u64(), L1_SLAB_BYTES, Box::new(PinnedSlabs::new(d.clone()))),
+            None => Arena::host(config.l1_size.as_u64()),
+        };
+        if config.l1_prealloc {
+            let t = Instant::now();
+            let bytes = arena.take_all().map_err(|e| StartError::Backend(format!("taking L1 memory: {e}")))?;
+            tracing::info!(
+                bytes,
+                source = arena.source_name(),
+                ms = t.elapsed().as_millis() as u64,
+                "L1 taken at start"
+            );
+        }
+        let l1 = L1Store::new(arena, Duration::from_millis(config.lease_ttl_ms));
         // The disk index is rebuilt before anything is served.
         let disk = match &config.disk_dir {
             Some(dir) => {
@@ -113,6 +163,7 @@ impl Coordinator {
             epoch,
             config,
             backend,
+            devices,
             l1,
             routes: DashMap::new(),
             counters: Counters::default(),

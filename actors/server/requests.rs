@@ -102,7 +102,12 @@ pub async fn serve(
             let r = route(shared, &s.instance)?;
             Counters::add(&shared.counters.stores, 1);
             let gate = Arc::new(JobGate::default());
-            let msg = instance::StoreChunks { chunks: s.chunks, block_ids: s.block_ids, gate: gate.clone() };
+            let msg = instance::StoreChunks {
+                chunks: s.chunks,
+                block_ids: s.block_ids,
+                ready_event: s.ready_event,
+                gate: gate.clone(),
+            };
             copy_at(r.addr, msg, gate, deadline).await
         }
         RequestBody::Retrieve(s) => {

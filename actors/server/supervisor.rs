@@ -24,6 +24,9 @@ use kvcoord_transport::{
     WireError,
 };
 
+use kvcoord_gpu::cuda::CudaDevice;
+use kvcoord_gpu::MemoryHandle;
+
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
 use super::instance::{CrashInstance, InstanceActor, Retire};
 use super::l1::ModelId;
@@ -34,6 +37,8 @@ struct Lane {
     addr: Addr<GpuWorker>,
     arbiter: Arbiter,
     generation: u64,
+    /// The device this worker owns; `None` for a host copy lane.
+    device: Option<Arc<CudaDevice>>,
 }
 
 struct InstanceEntry {
@@ -108,12 +113,42 @@ impl Supervisor {
         self.next_generation
     }
 
-    fn start_lane(&mut self, lane: u32, ctx: &mut Context<Self>) -> Lane {
+    fn start_lane(&mut self, lane: u32, device: Option<Arc<CudaDevice>>, ctx: &mut Context<Self>) -> Lane {
         let generation = self.generation();
         let arbiter = Arbiter::new();
         let me = ctx.address().recipient();
-        let addr = GpuWorker::start_in_arbiter(&arbiter.handle(), move |_| GpuWorker::new(lane, generation, me));
-        Lane { addr, arbiter, generation }
+        let d = device.clone().map(|d| (d, self.shared.config.gpu_streams as usize));
+        // The worker (and a device's copy engine) is built on its own thread.
+        let addr = GpuWorker::start_in_arbiter(&arbiter.handle(), move |_| GpuWorker::new(lane, generation, me, d));
+        Lane { addr, arbiter, generation, device }
+    }
+
+    /// The worker a new registration's copies go to: the worker of the
+    /// device whose UUID the IPC handles name, or the next host copy lane
+    /// for a memfd.
+    fn route(&mut self, memory: &MemoryHandle) -> Result<usize, WireError> {
+        match memory {
+            MemoryHandle::HostFd { .. } => {
+                let host: Vec<usize> = (0..self.lanes.len()).filter(|&i| self.lanes[i].device.is_none()).collect();
+                self.next_lane = self.next_lane.wrapping_add(1);
+                Ok(host[self.next_lane % host.len()])
+            }
+            MemoryHandle::CudaIpc { device_uuid, .. } => {
+                if self.shared.devices.is_empty() {
+                    return Err(invalid(
+                        "this coordinator runs the host backend; CUDA IPC memory needs the CUDA backend",
+                    ));
+                }
+                self.lanes.iter().position(|l| l.device.as_ref().is_some_and(|d| d.uuid() == *device_uuid)).ok_or_else(
+                    || {
+                        invalid(format!(
+                            "no GPU with UUID {} is served by this coordinator",
+                            kvcoord_gpu::cuda::device::format_uuid(device_uuid)
+                        ))
+                    },
+                )
+            }
+        }
     }
 
     /// Drops a registration: no new request reaches it; requests already
@@ -136,8 +171,13 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // Host copy lanes first (memfd clients), then one worker per device.
         for lane in 0..self.shared.config.copy_lanes.max(1) {
-            let l = self.start_lane(lane, ctx);
+            let l = self.start_lane(lane, None, ctx);
+            self.lanes.push(l);
+        }
+        for device in self.shared.devices.clone() {
+            let l = self.start_lane(self.lanes.len() as u32, Some(device), ctx);
             self.lanes.push(l);
         }
         ctx.run_interval(Duration::from_millis(500), |act, _| {
@@ -202,10 +242,14 @@ impl Handler<Register> for Supervisor {
                 return AtomicResponse::new(Box::pin(fut::ready(Err(err))));
             }
         }
-        let lane = self.instances.get(&key).map(|e| e.lane).unwrap_or_else(|| {
-            self.next_lane = (self.next_lane + 1) % self.lanes.len();
-            self.next_lane
-        });
+        let lane = match self.instances.get(&key).filter(|e| self.lanes[e.lane].device.is_some() == r.memory.is_cuda())
+        {
+            Some(e) => e.lane,
+            None => match self.route(&r.memory) {
+                Ok(lane) => lane,
+                Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
+            },
+        };
         let open = self.lanes[lane].addr.send(OpenMemory { layout: r.layout, handle: r.memory.clone(), fd: msg.fd });
         let session = msg.session;
         AtomicResponse::new(Box::pin(
@@ -343,7 +387,8 @@ impl Handler<ChildExited> for Supervisor {
                 }
                 tracing::warn!(lane, "gpu worker died; restarting it and dropping its instances");
                 Counters::add(&self.shared.counters.actor_restarts, 1);
-                let fresh = self.start_lane(lane, ctx);
+                let device = self.lanes[i].device.clone();
+                let fresh = self.start_lane(lane, device, ctx);
                 let old = std::mem::replace(&mut self.lanes[i], fresh);
                 old.arbiter.stop();
                 let affected: Vec<InstanceKey> =
@@ -422,7 +467,15 @@ impl Handler<GetStatus> for Supervisor {
             epoch: format!("{:016x}", self.shared.epoch.0),
             uptime_ms: now,
             backend: self.shared.backend.to_string(),
-            devices: (0..self.lanes.len()).map(|i| format!("{} copy lane {i}", self.shared.backend)).collect(),
+            devices: self
+                .lanes
+                .iter()
+                .enumerate()
+                .map(|(i, l)| match &l.device {
+                    Some(d) => format!("gpu worker {i}: {} {}", d.name(), d.uuid_string()),
+                    None => format!("host copy lane {i}"),
+                })
+                .collect(),
             endpoints: self.shared.endpoints.clone(),
             admin: self.shared.admin.get().cloned(),
             instances,

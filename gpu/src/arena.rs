@@ -183,6 +183,27 @@ impl Arena {
         }
     }
 
+    /// Takes every slab up to the capacity now (slab sources fault in or pin
+    /// what they hand out), so later allocations never wait for the system.
+    /// Returns the bytes taken.
+    pub fn take_all(&self) -> std::io::Result<u64> {
+        let mut st = self.inner.state.lock();
+        let mut have: u64 = st.slabs.iter().map(|s| s.mem.len() as u64).sum();
+        loop {
+            let room = self.inner.capacity.saturating_sub(have) / PAGE * PAGE;
+            let size = st.slab_bytes.min(room);
+            if size == 0 || st.slabs.len() == MAX_SLABS {
+                return Ok(have);
+            }
+            let mem = self.inner.source.allocate(size as usize)?;
+            self.inner.bases[st.slabs.len()].store(mem.ptr() as usize, Ordering::Release);
+            let mut free = BTreeMap::new();
+            free.insert(0, size);
+            st.slabs.push(SlabState { mem, free });
+            have += size;
+        }
+    }
+
     /// A host-memory arena.
     pub fn host(capacity: u64) -> Self {
         Self::new(capacity, 256 << 20, Box::new(HostSlabs))

@@ -29,20 +29,28 @@ fn check(layout: &KvLayout, mem: &dyn KvMemory, blocks: &[BlockId], obj: &dyn Ob
     Ok(())
 }
 
-/// Calls `f(kv_offset, object_offset, len)` for every block of the chunk.
-fn for_each_block(layout: &KvLayout, blocks: &[BlockId], mut f: impl FnMut(usize, usize, usize)) {
+/// Calls `f(layer, offset_in_layer, object_offset, len)` for every block
+/// plane of the chunk, in object order. Both backends copy along this walk,
+/// so an object has the same bytes whichever backend stored it.
+pub(crate) fn for_each_block_plane(layout: &KvLayout, blocks: &[BlockId], mut f: impl FnMut(u32, u64, u64, u64)) {
     let bpc = blocks.len() as u32;
-    let len = layout.block_bytes() as usize;
+    let len = layout.block_bytes();
     for layer in 0..layout.num_layers {
-        let layer_base = layer as u64 * layout.layer_bytes();
         for plane in 0..layout.planes() {
             for (i, &b) in blocks.iter().enumerate() {
-                let src = layer_base + layout.offset_in_layer(plane, b);
-                let dst = layout.object_offset(bpc, layer, plane, i as u32);
-                f(src as usize, dst as usize, len);
+                f(layer, layout.offset_in_layer(plane, b), layout.object_offset(bpc, layer, plane, i as u32), len);
             }
         }
     }
+}
+
+/// Calls `f(kv_offset, object_offset, len)` for every block plane of the
+/// chunk in one contiguous region holding every layer.
+fn for_each_block(layout: &KvLayout, blocks: &[BlockId], mut f: impl FnMut(usize, usize, usize)) {
+    for_each_block_plane(layout, blocks, |layer, in_layer, obj, len| {
+        let kv = layer as u64 * layout.layer_bytes() + in_layer;
+        f(kv as usize, obj as usize, len as usize)
+    });
 }
 
 /// Copies the chunk's blocks out of `mem` into `obj`.

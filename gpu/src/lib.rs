@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory;
 
 pub use arena::{Allocation, Arena, ArenaUsage, Extent, ObjectBytes};
+pub use copy::CopyError;
 pub use host::{HostKvCache, HostMapping, KvMemory};
 pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError};
 pub use memory::{CudaIpcLayer, MemoryHandle};

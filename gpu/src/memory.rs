@@ -25,3 +25,10 @@ pub enum MemoryHandle {
     /// CUDA backend: one IPC region per layer on the GPU with this UUID.
     CudaIpc { device_uuid: [u8; 16], layers: Vec<CudaIpcLayer> },
 }
+
+impl MemoryHandle {
+    /// True for device memory (copied by a GPU worker).
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, MemoryHandle::CudaIpc { .. })
+    }
+}

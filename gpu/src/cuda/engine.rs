@@ -1,0 +1,343 @@
+//! A device's copy engine: the copy kernel (one CTA per block plane, 16-byte
+//! vector accesses), store streams and higher-priority retrieve streams (two
+//! of each, used in turn), and one completion thread per stream.
+//!
+//! A copy is submitted with the resources it touches (write tickets, read
+//! guards, the opened IPC memory) as its payload. The completion thread waits
+//! for the copy's event and only then hands the payload back — so a result is
+//! one value delivered after the bytes landed, and nothing a kernel touches is
+//! released while it runs, even if the submitter has gone away.
+//!
+//! The kernel is committed as PTX (`gpu/kernels/copy_segments.ptx`, generated
+//! from `copy_segments.cu` beside it by the command written there) and
+//! JIT-compiled by the driver when the engine starts: no CUDA toolkit is
+//! needed to build or run kvcoord. This module must never decide what to
+//! copy; it moves the segments it is given.
+
+use std::ffi::{c_void, CString};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys};
+
+use super::{op, CudaDevice, CudaError};
+use crate::copy::for_each_block_plane;
+use crate::layout::{BlockId, KvLayout};
+
+const PTX: &str = include_str!("../../kernels/copy_segments.ptx");
+const KERNEL: &str = "kvc_copy_segments";
+const THREADS_PER_CTA: u32 = 256;
+/// Streams per direction unless told otherwise. Used in turn, a kernel's
+/// tail (its last CTAs, and the flush of its writes before it completes)
+/// overlaps the next kernel's start instead of leaving the link idle.
+pub const DEFAULT_STREAMS_PER_DIRECTION: usize = 2;
+
+/// One contiguous run of bytes to copy, as the kernel reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// Which way a copy goes, and so which stream runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyDirection {
+    /// Device blocks into pinned L1 objects (store stream).
+    Gather,
+    /// Pinned L1 objects into device blocks (retrieve stream, higher priority).
+    Scatter,
+}
+
+/// Appends the segments that move one chunk between per-layer device memory
+/// (`layer_addrs`) and a contiguous object at `object_addr`.
+pub fn chunk_segments(
+    layout: &KvLayout,
+    layer_addrs: &[u64],
+    blocks: &[BlockId],
+    object_addr: u64,
+    direction: CopyDirection,
+    out: &mut Vec<Segment>,
+) {
+    for_each_block_plane(layout, blocks, |layer, in_layer, obj, len| {
+        let (kv, object) = (layer_addrs[layer as usize] + in_layer, object_addr + obj);
+        out.push(match direction {
+            CopyDirection::Gather => Segment { src: kv, dst: object, len },
+            CopyDirection::Scatter => Segment { src: object, dst: kv, len },
+        });
+    });
+}
+
+type Completion = Box<dyn FnOnce(Result<(), CudaError>) + Send>;
+
+struct Pending {
+    event: usize,
+    done: Completion,
+}
+
+struct StreamLane {
+    stream: sys::CUstream,
+    completions: Option<mpsc::Sender<Pending>>,
+}
+
+/// The copy engine of one device.
+pub struct CopyEngine {
+    device: Arc<CudaDevice>,
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    /// Store streams (lowest priority).
+    store: Vec<StreamLane>,
+    /// Retrieve streams (highest priority: a retrieve is on a request's
+    /// critical path, a store is not).
+    retrieve: Vec<StreamLane>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: the handles are plain driver values usable from any thread once
+// the context is bound (every method binds it). The completion senders are
+// `Send`.
+unsafe impl Send for CopyEngine {}
+
+fn completion_thread(device: Arc<CudaDevice>, name: &str) -> Result<mpsc::Sender<Pending>, CudaError> {
+    let (tx, rx) = mpsc::channel::<Pending>();
+    std::thread::Builder::new()
+        .name(format!("kvc-{name}-done-{}", device.ordinal()))
+        .spawn(move || {
+            let bound = device.bind();
+            // In submission order, which is this stream's completion order.
+            for p in rx {
+                let event = p.event as sys::CUevent;
+                let r = bound.clone().and_then(|_| {
+                    // SAFETY: `event` was created and recorded by `submit`
+                    // and is destroyed only below, after this wait.
+                    unsafe { result::event::synchronize(event) }.map_err(op("copy kernel"))
+                });
+                // SAFETY: created by `submit`, waited for above, destroyed once.
+                let _ = unsafe { result::event::destroy(event) };
+                (p.done)(r);
+            }
+        })
+        .map_err(|e| CudaError::Invalid(format!("spawning the completion thread: {e}")))?;
+    Ok(tx)
+}
+
+impl CopyEngine {
+    /// Loads the kernel and creates `streams` store streams and `streams`
+    /// retrieve streams on `device`.
+    pub fn new(device: Arc<CudaDevice>, streams: usize) -> Result<Self, CudaError> {
+        device.bind()?;
+        // Segment tables come from the stream-ordered pool; keep what they
+        // free (a few MiB) rather than unmapping it at every event wait.
+        device.keep_pool_memory(64 << 20)?;
+        let ptx = CString::new(PTX).map_err(|_| CudaError::Invalid("PTX contains a NUL byte".into()))?;
+        // SAFETY: `ptx` is a NUL-terminated PTX image that outlives the call.
+        let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }.map_err(op("cuModuleLoadData"))?;
+        // SAFETY: `module` was just loaded and is unloaded only in `Drop`.
+        let function = unsafe { result::module::get_function(module, CString::new(KERNEL).expect("no NUL")) }
+            .map_err(op("cuModuleGetFunction"))?;
+        let (lowest, highest) = result::stream::get_priority_range().map_err(op("cuCtxGetStreamPriorityRange"))?;
+        let mut engine = CopyEngine {
+            device,
+            module,
+            function,
+            store: Vec::new(),
+            retrieve: Vec::new(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        };
+        for _ in 0..streams.max(1) {
+            for (lanes, priority, name) in
+                [(&mut engine.store, lowest, "store"), (&mut engine.retrieve, highest, "retrieve")]
+            {
+                let stream = result::stream::create_with_priority(result::stream::StreamKind::NonBlocking, priority)
+                    .map_err(op("cuStreamCreateWithPriority"))?;
+                lanes.push(StreamLane { stream, completions: None });
+                let lane = lanes.last_mut().expect("just pushed");
+                lane.completions = Some(completion_thread(engine.device.clone(), name)?);
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    /// Queues the copy of `segments` on `direction`'s stream, after `wait`
+    /// (an event of the client's, e.g. "KV ready") if given. `done` is called
+    /// exactly once, from a completion thread, after the copy finished or
+    /// failed. Every address must stay valid until then: pass what owns them
+    /// in `done`'s captures.
+    ///
+    /// # Safety
+    ///
+    /// Every segment must name `len` readable bytes at `src` and writable
+    /// bytes at `dst`, both device-accessible (device memory of this
+    /// device's context, or pinned host memory), not overlapping, and not
+    /// written by anyone else until `done` runs.
+    pub unsafe fn submit(
+        &self,
+        direction: CopyDirection,
+        segments: &[Segment],
+        wait: Option<sys::CUevent>,
+        done: impl FnOnce(Result<(), CudaError>) + Send + 'static,
+    ) -> Result<(), CudaError> {
+        let lanes = match direction {
+            CopyDirection::Gather => &self.store,
+            CopyDirection::Scatter => &self.retrieve,
+        };
+        let lane = &lanes[self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.len()];
+        let Some(completions) = &lane.completions else { return Err(CudaError::Invalid("engine stopped".into())) };
+        self.device.bind()?;
+        let stream = lane.stream;
+        if let Some(ev) = wait {
+            // SAFETY: `ev` is a live event (the caller's) and `stream` ours.
+            unsafe { result::stream::wait_event(stream, ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+                .map_err(op("cuStreamWaitEvent"))?;
+        }
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        let flags =
+            sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: context bound; `event` is a valid out-pointer.
+        unsafe { sys::cuEventCreate(&mut event, flags) }.result().map_err(op("cuEventCreate"))?;
+        let launched = if segments.is_empty() { Ok(()) } else { self.launch(stream, segments) };
+        // SAFETY: `event` and `stream` are alive.
+        let recorded =
+            launched.and_then(|_| unsafe { result::event::record(event, stream) }.map_err(op("cuEventRecord")));
+        if let Err(e) = recorded {
+            // Whatever was queued must finish before the caller releases the
+            // memory it names.
+            // SAFETY: our stream and event; the event is destroyed once.
+            unsafe {
+                let _ = result::stream::synchronize(stream);
+                let _ = result::event::destroy(event);
+            }
+            return Err(e);
+        }
+        completions
+            .send(Pending { event: event as usize, done: Box::new(done) })
+            .map_err(|_| CudaError::Invalid("completion thread gone".into()))
+    }
+
+    /// Uploads the segment table to a stream-ordered device buffer and
+    /// launches one CTA per segment.
+    fn launch(&self, stream: sys::CUstream, segments: &[Segment]) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(segments);
+        let count = u32::try_from(segments.len()).map_err(|_| CudaError::Invalid("too many segments".into()))?;
+        let mut table: sys::CUdeviceptr = 0;
+        // SAFETY: context bound; the buffer is freed on the same stream after
+        // the kernel (stream order), below.
+        unsafe { sys::cuMemAllocAsync(&mut table, bytes, stream) }.result().map_err(op("cuMemAllocAsync"))?;
+        // SAFETY: `segments` is pageable host memory: the driver copies it
+        // into a staging buffer before returning, so it may be dropped after.
+        let r = unsafe { result::memcpy_htod_async(table, segments, stream) }.map_err(op("cuMemcpyHtoDAsync"));
+        let r = r.and_then(|_| {
+            let mut table_arg = table;
+            let mut count_arg = count;
+            let mut params = [(&mut table_arg as *mut u64).cast::<c_void>(), (&mut count_arg as *mut u32).cast()];
+            let grid = count.min(1 << 20);
+            // SAFETY: the function takes (const Segment*, unsigned int),
+            // matching `params`; the caller guaranteed every segment's memory.
+            unsafe {
+                result::launch_kernel(self.function, (grid, 1, 1), (THREADS_PER_CTA, 1, 1), 0, stream, &mut params)
+            }
+            .map_err(op("cuLaunchKernel"))
+        });
+        // SAFETY: `table` came from `cuMemAllocAsync` on this stream.
+        let freed = unsafe { sys::cuMemFreeAsync(table, stream) }.result().map_err(op("cuMemFreeAsync"));
+        r.and(freed)
+    }
+}
+
+impl Drop for CopyEngine {
+    fn drop(&mut self) {
+        // Closing the channels lets the completion threads finish what is
+        // queued and exit; they hold their own device reference.
+        for lane in self.store.iter_mut().chain(self.retrieve.iter_mut()) {
+            lane.completions.take();
+        }
+        if self.device.bind().is_err() {
+            tracing::error!("could not bind the context to stop a copy engine");
+            return;
+        }
+        // SAFETY: our streams and module. The streams are drained first, so
+        // no kernel of the module is running when it is unloaded.
+        unsafe {
+            for lane in self.store.iter().chain(self.retrieve.iter()) {
+                let _ = result::stream::synchronize(lane.stream);
+                let _ = result::stream::destroy(lane.stream);
+            }
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+/// Contiguous pinned DMA between one device buffer and one pinned host
+/// buffer, timed with events: the baseline the copy engine is measured
+/// against. Returns (D2H GB/s, H2D GB/s), best of `reps`.
+pub fn pinned_dma_baseline(device: &Arc<CudaDevice>, bytes: usize, reps: u32) -> Result<(f64, f64), CudaError> {
+    device.bind()?;
+    // SAFETY: context bound; every resource below is released before return,
+    // after the stream has drained.
+    unsafe {
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(op("cuStreamCreate"))?;
+        let dev = result::malloc_sync(bytes).map_err(op("cuMemAlloc"))?;
+        let host = result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE).map_err(op("cuMemHostAlloc"))?;
+        let host_slice = std::slice::from_raw_parts_mut(host.cast::<u8>(), bytes);
+        host_slice.fill(1);
+        let start = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(op("cuEventCreate"))?;
+        let end = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(op("cuEventCreate"))?;
+        let mut best = (0f64, 0f64);
+        let mut run = |d2h: bool| -> Result<f64, CudaError> {
+            result::event::record(start, stream).map_err(op("cuEventRecord"))?;
+            if d2h {
+                result::memcpy_dtoh_async(host_slice, dev, stream).map_err(op("cuMemcpyDtoHAsync"))?;
+            } else {
+                result::memcpy_htod_async(dev, host_slice, stream).map_err(op("cuMemcpyHtoDAsync"))?;
+            }
+            result::event::record(end, stream).map_err(op("cuEventRecord"))?;
+            result::event::synchronize(end).map_err(op("cuEventSynchronize"))?;
+            let ms = result::event::elapsed(start, end).map_err(op("cuEventElapsedTime"))?;
+            Ok(bytes as f64 / (ms as f64 / 1e3) / 1e9)
+        };
+        let mut outcome = Ok(());
+        for _ in 0..reps.max(1) {
+            match (run(true), run(false)) {
+                (Ok(d), Ok(h)) => best = (best.0.max(d), best.1.max(h)),
+                (Err(e), _) | (_, Err(e)) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        let _ = result::stream::synchronize(stream);
+        let _ = result::event::destroy(start);
+        let _ = result::event::destroy(end);
+        let _ = result::free_host(host);
+        let _ = result::free_sync(dev);
+        let _ = result::stream::destroy(stream);
+        outcome.map(|_| best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Dtype;
+
+    #[test]
+    fn segments_walk_the_object_in_layer_plane_block_order() {
+        let layout = KvLayout::mha(2, 8, 4, 1, 8, Dtype::F16); // 64-byte block planes
+        let blocks = [layout.block(5).unwrap(), layout.block(1).unwrap()];
+        let mut segs = Vec::new();
+        chunk_segments(&layout, &[1000, 9000], &blocks, 50_000, CopyDirection::Gather, &mut segs);
+        assert_eq!(segs.len(), 2 * 2 * 2);
+        assert_eq!(segs[0], Segment { src: 1000 + 5 * 64, dst: 50_000, len: 64 });
+        assert_eq!(segs[1], Segment { src: 1000 + 64, dst: 50_064, len: 64 });
+        assert_eq!(segs[2], Segment { src: 1000 + (8 + 5) * 64, dst: 50_128, len: 64 }); // V plane
+        assert_eq!(segs[4], Segment { src: 9000 + 5 * 64, dst: 50_256, len: 64 }); // layer 1
+        let mut back = Vec::new();
+        chunk_segments(&layout, &[1000, 9000], &blocks, 50_000, CopyDirection::Scatter, &mut back);
+        assert!(segs.iter().zip(&back).all(|(g, s)| g.src == s.dst && g.dst == s.src));
+    }
+}

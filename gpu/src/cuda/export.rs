@@ -1,0 +1,181 @@
+//! The client side of CUDA registration: a TP worker's paged KV cache in
+//! device memory (one allocation per layer, as vLLM allocates it), exported
+//! by `cuIpcGetMemHandle`, and the interprocess "KV ready" event the worker
+//! records after writing blocks and hands to the coordinator with a store.
+//!
+//! It also offers the few copies a worker needs around that (write or read a
+//! block); the coordinator never uses this module. It must never open
+//! another process's handles.
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys};
+
+use super::{op, CudaDevice, CudaError};
+use crate::layout::{BlockId, KvLayout};
+use crate::memory::{CudaIpcLayer, MemoryHandle};
+
+/// A KV cache in device memory, exportable by IPC.
+pub struct DeviceKvCache {
+    device: Arc<CudaDevice>,
+    layout: KvLayout,
+    layers: Vec<sys::CUdeviceptr>,
+    handles: Vec<Vec<u8>>,
+    stream: sys::CUstream,
+}
+
+// SAFETY: device addresses and the stream handle are plain values usable
+// from any thread with the context bound (every method binds it first).
+unsafe impl Send for DeviceKvCache {}
+
+impl DeviceKvCache {
+    /// Allocates `layout` on `device` (one allocation per layer) and exports
+    /// each layer's IPC handle.
+    pub fn allocate(device: Arc<CudaDevice>, layout: KvLayout) -> Result<Self, CudaError> {
+        layout.validate().map_err(|e| CudaError::Invalid(e.to_string()))?;
+        device.bind()?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(op("cuStreamCreate"))?;
+        let mut cache = DeviceKvCache { device, layout, layers: Vec::new(), handles: Vec::new(), stream };
+        for _ in 0..layout.num_layers {
+            // SAFETY: context bound; the allocation is owned by `cache`,
+            // which frees it on drop.
+            let ptr = unsafe { result::malloc_sync(layout.layer_bytes() as usize) }.map_err(op("cuMemAlloc"))?;
+            cache.layers.push(ptr);
+            let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+            // SAFETY: `ptr` is a live allocation of this context; `h` is a
+            // valid out-pointer, initialised by the driver on success.
+            let h = unsafe {
+                sys::cuIpcGetMemHandle(h.as_mut_ptr(), ptr).result().map_err(op("cuIpcGetMemHandle"))?;
+                h.assume_init()
+            };
+            cache.handles.push(h.reserved.iter().map(|&b| b as u8).collect());
+        }
+        Ok(cache)
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    /// What a register request carries for this cache.
+    pub fn memory_handle(&self) -> MemoryHandle {
+        let size = self.layout.layer_bytes();
+        let layers = self.handles.iter().map(|h| CudaIpcLayer { handle: h.clone(), offset: 0, size }).collect();
+        MemoryHandle::CudaIpc { device_uuid: self.device.uuid(), layers }
+    }
+
+    fn block_addr(&self, layer: u32, plane: u32, block: BlockId) -> sys::CUdeviceptr {
+        self.layers[layer as usize] + self.layout.offset_in_layer(plane, block)
+    }
+
+    fn check(&self, layer: u32, plane: u32, len: usize) -> Result<(), CudaError> {
+        if layer >= self.layout.num_layers || plane >= self.layout.planes() || len as u64 != self.layout.block_bytes() {
+            return Err(CudaError::Invalid(format!("block ({layer}, {plane}) of {len} bytes is not in the layout")));
+        }
+        Ok(())
+    }
+
+    /// Queues a copy of `bytes` into one block plane on the cache's stream.
+    /// `bytes` must stay untouched until the stream has passed this copy
+    /// (record a [`ReadyEvent`] and wait, or [`Self::synchronize`]); from
+    /// pinned memory the copy is asynchronous, from pageable memory the
+    /// driver stages it first.
+    pub fn write_block_async(&self, layer: u32, plane: u32, block: BlockId, bytes: &[u8]) -> Result<(), CudaError> {
+        self.check(layer, plane, bytes.len())?;
+        self.device.bind()?;
+        // SAFETY: the destination is inside this cache's allocation (checked
+        // layer and plane; `BlockId` is valid for the layout; the length is
+        // one block plane); the caller keeps `bytes` alive until the copy ran.
+        unsafe { result::memcpy_htod_async(self.block_addr(layer, plane, block), bytes, self.stream) }
+            .map_err(op("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies one block plane out, synchronously.
+    pub fn read_block(&self, layer: u32, plane: u32, block: BlockId, out: &mut [u8]) -> Result<(), CudaError> {
+        self.check(layer, plane, out.len())?;
+        self.device.bind()?;
+        // SAFETY: as in `write_block_async`; the sync copy returns when done.
+        unsafe { result::memcpy_dtoh_sync(out, self.block_addr(layer, plane, block)) }.map_err(op("cuMemcpyDtoH"))
+    }
+
+    /// Waits for every copy queued on the cache's stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.device.bind()?;
+        // SAFETY: the stream belongs to this cache and is alive.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(op("cuStreamSynchronize"))
+    }
+
+    /// Records `event` on the cache's stream: it fires when every write
+    /// queued so far has landed.
+    pub fn record(&self, event: &ReadyEvent) -> Result<(), CudaError> {
+        self.device.bind()?;
+        // SAFETY: both the event and the stream are alive and belong to this
+        // process's context.
+        unsafe { result::event::record(event.event, self.stream) }.map_err(op("cuEventRecord"))
+    }
+}
+
+impl Drop for DeviceKvCache {
+    fn drop(&mut self) {
+        if self.device.bind().is_err() {
+            return;
+        }
+        // SAFETY: the stream and allocations were created by `allocate` and
+        // are released once, after the stream has drained.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            let _ = result::stream::destroy(self.stream);
+            for &p in &self.layers {
+                let _ = result::free_sync(p);
+            }
+        }
+    }
+}
+
+/// An interprocess event: the worker records it after writing a store's
+/// blocks, and the coordinator's store stream waits on it before reading.
+pub struct ReadyEvent {
+    device: Arc<CudaDevice>,
+    event: sys::CUevent,
+    handle: Vec<u8>,
+}
+
+// SAFETY: the event handle is a plain value usable from any thread with the
+// context bound.
+unsafe impl Send for ReadyEvent {}
+
+impl ReadyEvent {
+    pub fn new(device: Arc<CudaDevice>) -> Result<Self, CudaError> {
+        device.bind()?;
+        let flags =
+            sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: context bound; `event` is a valid out-pointer.
+        unsafe { sys::cuEventCreate(&mut event, flags) }.result().map_err(op("cuEventCreate"))?;
+        let mut h = std::mem::MaybeUninit::<sys::CUipcEventHandle>::uninit();
+        // SAFETY: `event` is an interprocess event of this context.
+        let h = unsafe {
+            sys::cuIpcGetEventHandle(h.as_mut_ptr(), event).result().map_err(op("cuIpcGetEventHandle"))?;
+            h.assume_init()
+        };
+        Ok(ReadyEvent { device, event, handle: h.reserved.iter().map(|&b| b as u8).collect() })
+    }
+
+    /// The 64-byte IPC handle a store request carries.
+    pub fn handle(&self) -> Vec<u8> {
+        self.handle.clone()
+    }
+}
+
+impl Drop for ReadyEvent {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: created in `new`, destroyed once.
+            let _ = unsafe { result::event::destroy(self.event) };
+        }
+    }
+}
