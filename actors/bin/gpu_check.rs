@@ -21,7 +21,7 @@ use futures::StreamExt;
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::gpu_workload::GpuTpWorker;
 use kvcoord::workload::{prefix_hashes, vllm_like_layout};
-use kvcoord_gpu::cuda::engine::pinned_dma_baseline;
+use kvcoord_gpu::cuda::engine::{engine_baseline, pinned_dma_baseline, CopyMethod};
 use kvcoord_gpu::cuda::CudaDevice;
 use kvcoord_transport::{ChunkHash, InstanceKey, RetrieveOutcome, StoreOutcome};
 
@@ -48,8 +48,12 @@ pub struct GpuCheckArgs {
     #[arg(long)]
     spread: bool,
     /// CUDA streams per direction of the coordinator's GPU workers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     gpu_streams: u32,
+    /// Only measure the copy engine alone with batched DMA (`cuMemcpyBatchAsync`)
+    /// beside the kernel and the contiguous DMA baseline, then exit.
+    #[arg(long, hide = true)]
+    probe_dma_batch: bool,
     /// Bytes of the contiguous DMA baseline copy.
     #[arg(long, default_value_t = 1 << 30)]
     dma_bytes: usize,
@@ -143,6 +147,7 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
         args.procs, args.chunks, args.inflight
     );
     let mut dma = (0.0, 0.0);
+    let mut engine_alone = (0.0, 0.0);
     for &i in &used {
         let d = &devices[i];
         let (d2h, h2d) = pinned_dma_baseline(d, args.dma_bytes, 5).map_err(|e| e.to_string())?;
@@ -151,7 +156,30 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
             d.name(),
             d.uuid_string()
         );
+        let (g, s) =
+            engine_baseline(d, CopyMethod::Kernel, args.gpu_streams as usize, args.dma_bytes, 32 << 10, 1024, 5)
+                .map_err(|e| e.to_string())?;
+        println!(
+            "device {i}: copy engine alone (32 KiB blocks, 1024 per kernel): gather {g:.1} GB/s, scatter {s:.1} GB/s"
+        );
+        engine_alone = (engine_alone.0 + g, engine_alone.1 + s);
         dma = (dma.0 + d2h, dma.1 + h2d);
+    }
+    if args.probe_dma_batch {
+        for &i in &used {
+            let (g, s) = engine_baseline(
+                &devices[i],
+                CopyMethod::DmaBatch,
+                args.gpu_streams as usize,
+                args.dma_bytes,
+                32 << 10,
+                1024,
+                5,
+            )
+            .map_err(|e| e.to_string())?;
+            println!("device {i}: batched DMA alone (32 KiB blocks, 1024 per batch): gather {g:.1} GB/s, scatter {s:.1} GB/s");
+        }
+        return Ok(true);
     }
     drop(devices);
 
@@ -268,6 +296,8 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
     println!("| --- | --- | --- |");
     println!("| contiguous pinned DMA D2H (sum over {} device(s)) | {:.1} | 1.00 |", used.len(), dma.0);
     println!("| contiguous pinned DMA H2D (sum over {} device(s)) | {:.1} | 1.00 |", used.len(), dma.1);
+    println!("| copy engine alone, gather (no coordinator) | {:.1} | {:.2} |", engine_alone.0, engine_alone.0 / dma.0);
+    println!("| copy engine alone, scatter (no coordinator) | {:.1} | {:.2} |", engine_alone.1, engine_alone.1 / dma.1);
     println!("| kvcoord store (device blocks -> L1), end to end | {store_gbps:.1} | {:.2} |", store_gbps / dma.0);
     println!(
         "| kvcoord retrieve (L1 -> device blocks), end to end | {retrieve_gbps:.1} | {:.2} |",

@@ -15,6 +15,7 @@ pub mod instance;
 pub mod l1;
 pub mod metrics;
 pub mod requests;
+pub mod routing;
 pub mod session;
 pub mod state;
 pub mod supervision;

@@ -30,6 +30,7 @@ use kvcoord_gpu::MemoryHandle;
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
 use super::instance::{CrashInstance, InstanceActor, Retire};
 use super::l1::ModelId;
+use super::routing::{route, LaneKind};
 use super::state::{Counters, InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
 
@@ -123,32 +124,14 @@ impl Supervisor {
         Lane { addr, arbiter, generation, device }
     }
 
-    /// The worker a new registration's copies go to: the worker of the
-    /// device whose UUID the IPC handles name, or the next host copy lane
-    /// for a memfd.
+    /// The worker a new registration's copies go to (see `routing.rs`).
     fn route(&mut self, memory: &MemoryHandle) -> Result<usize, WireError> {
-        match memory {
-            MemoryHandle::HostFd { .. } => {
-                let host: Vec<usize> = (0..self.lanes.len()).filter(|&i| self.lanes[i].device.is_none()).collect();
-                self.next_lane = self.next_lane.wrapping_add(1);
-                Ok(host[self.next_lane % host.len()])
-            }
-            MemoryHandle::CudaIpc { device_uuid, .. } => {
-                if self.shared.devices.is_empty() {
-                    return Err(invalid(
-                        "this coordinator runs the host backend; CUDA IPC memory needs the CUDA backend",
-                    ));
-                }
-                self.lanes.iter().position(|l| l.device.as_ref().is_some_and(|d| d.uuid() == *device_uuid)).ok_or_else(
-                    || {
-                        invalid(format!(
-                            "no GPU with UUID {} is served by this coordinator",
-                            kvcoord_gpu::cuda::device::format_uuid(device_uuid)
-                        ))
-                    },
-                )
-            }
-        }
+        let kinds: Vec<LaneKind> = self
+            .lanes
+            .iter()
+            .map(|l| l.device.as_ref().map_or(LaneKind::Host, |d| LaneKind::Device(d.uuid())))
+            .collect();
+        route(&kinds, memory, &mut self.next_lane)
     }
 
     /// Drops a registration: no new request reaches it; requests already

@@ -27,10 +27,10 @@ use crate::layout::{BlockId, KvLayout};
 const PTX: &str = include_str!("../../kernels/copy_segments.ptx");
 const KERNEL: &str = "kvc_copy_segments";
 const THREADS_PER_CTA: u32 = 256;
-/// Streams per direction unless told otherwise. Used in turn, a kernel's
-/// tail (its last CTAs, and the flush of its writes before it completes)
-/// overlaps the next kernel's start instead of leaving the link idle.
-pub const DEFAULT_STREAMS_PER_DIRECTION: usize = 2;
+/// Streams per direction unless told otherwise. With more than one, used in
+/// turn, a kernel's tail overlaps the next kernel's start; on an H100 one
+/// stream per direction measured the same (BENCHMARKS.md), so one it is.
+pub const DEFAULT_STREAMS_PER_DIRECTION: usize = 1;
 
 /// One contiguous run of bytes to copy, as the kernel reads it.
 #[repr(C)]
@@ -39,6 +39,16 @@ pub struct Segment {
     pub src: u64,
     pub dst: u64,
     pub len: u64,
+}
+
+/// How an engine moves segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMethod {
+    /// The copy kernel: one CTA per segment, 16-byte vector accesses.
+    Kernel,
+    /// One `cuMemcpyBatchAsync` per job: the copy engines (DMA), driven by
+    /// the driver from the segment list.
+    DmaBatch,
 }
 
 /// Which way a copy goes, and so which stream runs it.
@@ -92,6 +102,7 @@ pub struct CopyEngine {
     /// critical path, a store is not).
     retrieve: Vec<StreamLane>,
     next: std::sync::atomic::AtomicUsize,
+    method: CopyMethod,
 }
 
 // SAFETY: the handles are plain driver values usable from any thread once
@@ -144,6 +155,7 @@ impl CopyEngine {
             store: Vec::new(),
             retrieve: Vec::new(),
             next: std::sync::atomic::AtomicUsize::new(0),
+            method: CopyMethod::Kernel,
         };
         for _ in 0..streams.max(1) {
             for (lanes, priority, name) in
@@ -161,6 +173,12 @@ impl CopyEngine {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
+    }
+
+    /// Uses `method` for every later copy.
+    pub fn with_method(mut self, method: CopyMethod) -> Self {
+        self.method = method;
+        self
     }
 
     /// Queues the copy of `segments` on `direction`'s stream, after `wait`
@@ -200,7 +218,11 @@ impl CopyEngine {
             sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         // SAFETY: context bound; `event` is a valid out-pointer.
         unsafe { sys::cuEventCreate(&mut event, flags) }.result().map_err(op("cuEventCreate"))?;
-        let launched = if segments.is_empty() { Ok(()) } else { self.launch(stream, segments) };
+        let launched = match (segments.is_empty(), self.method) {
+            (true, _) => Ok(()),
+            (false, CopyMethod::Kernel) => self.launch(stream, segments),
+            (false, CopyMethod::DmaBatch) => Self::dma_batch(stream, segments),
+        };
         // SAFETY: `event` and `stream` are alive.
         let recorded =
             launched.and_then(|_| unsafe { result::event::record(event, stream) }.map_err(op("cuEventRecord")));
@@ -217,6 +239,37 @@ impl CopyEngine {
         completions
             .send(Pending { event: event as usize, done: Box::new(done) })
             .map_err(|_| CudaError::Invalid("completion thread gone".into()))
+    }
+
+    /// Queues every segment as one batched DMA (`cuMemcpyBatchAsync`).
+    fn dma_batch(stream: sys::CUstream, segments: &[Segment]) -> Result<(), CudaError> {
+        let mut dsts: Vec<u64> = segments.iter().map(|s| s.dst).collect();
+        let mut srcs: Vec<u64> = segments.iter().map(|s| s.src).collect();
+        let mut sizes: Vec<usize> = segments.iter().map(|s| s.len as usize).collect();
+        // SAFETY: all-zero is a valid `CUmemcpyAttributes` (no location hints).
+        let mut attr: sys::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+        attr.srcAccessOrder = sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+        attr.flags = sys::CUmemcpyFlags::CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE as u32;
+        let mut attr_idx = 0usize;
+        let mut fail_idx = usize::MAX;
+        // SAFETY: the three arrays hold `segments.len()` entries each and
+        // live through the call (the driver copies the descriptors); the
+        // caller of `submit` guarantees every address range.
+        unsafe {
+            sys::cuMemcpyBatchAsync(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                segments.len(),
+                &mut attr,
+                &mut attr_idx,
+                1,
+                &mut fail_idx,
+                stream,
+            )
+        }
+        .result()
+        .map_err(op("cuMemcpyBatchAsync"))
     }
 
     /// Uploads the segment table to a stream-ordered device buffer and
@@ -318,6 +371,90 @@ pub fn pinned_dma_baseline(device: &Arc<CudaDevice>, bytes: usize, reps: u32) ->
         let _ = result::stream::destroy(stream);
         outcome.map(|_| best)
     }
+}
+
+/// The copy engine alone, without the coordinator: `bytes` of `block_bytes`
+/// blocks at random places in one device buffer gathered into contiguous
+/// pinned memory (and scattered back), `chunk_blocks` blocks per kernel, every
+/// kernel submitted at once. Wall-clock from first submit to last completion;
+/// returns (gather GB/s, scatter GB/s), best of `reps`. It tells the kernel's
+/// own efficiency apart from the coordinator's overhead.
+pub fn engine_baseline(
+    device: &Arc<CudaDevice>,
+    method: CopyMethod,
+    streams: usize,
+    bytes: usize,
+    block_bytes: usize,
+    chunk_blocks: usize,
+    reps: u32,
+) -> Result<(f64, f64), CudaError> {
+    let engine = CopyEngine::new(device.clone(), streams)?.with_method(method);
+    let blocks = bytes / block_bytes;
+    let bytes = blocks * block_bytes;
+    // SAFETY: context bound by `CopyEngine::new` on this thread; both buffers
+    // are freed below after every copy completed.
+    let (dev, host) = unsafe {
+        let dev = result::malloc_sync(bytes).map_err(op("cuMemAlloc"))?;
+        let host = result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP)
+            .map_err(op("cuMemHostAlloc"))?;
+        (dev, host as u64)
+    };
+    // A fixed permutation of device blocks (paged, scattered).
+    let mut order: Vec<u64> = (0..blocks as u64).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let run = |direction: CopyDirection| -> Result<f64, CudaError> {
+        let (tx, rx) = mpsc::channel();
+        let t = std::time::Instant::now();
+        let mut kernels = 0;
+        for (c, chunk) in order.chunks(chunk_blocks).enumerate() {
+            let segs: Vec<Segment> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| {
+                    let d = dev + b * block_bytes as u64;
+                    let h = host + ((c * chunk_blocks + i) * block_bytes) as u64;
+                    match direction {
+                        CopyDirection::Gather => Segment { src: d, dst: h, len: block_bytes as u64 },
+                        CopyDirection::Scatter => Segment { src: h, dst: d, len: block_bytes as u64 },
+                    }
+                })
+                .collect();
+            let tx = tx.clone();
+            // SAFETY: every segment lies inside `dev` or `host` (block
+            // indices < blocks), each block once, and both buffers outlive
+            // the completion (we wait for every `done` below).
+            unsafe { engine.submit(direction, &segs, None, move |r| drop(tx.send(r))) }?;
+            kernels += 1;
+        }
+        for _ in 0..kernels {
+            rx.recv().map_err(|_| CudaError::Invalid("completion lost".into()))??;
+        }
+        Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
+    };
+    let mut best = (0f64, 0f64);
+    let mut outcome = Ok(());
+    for _ in 0..reps.max(1) {
+        match (run(CopyDirection::Gather), run(CopyDirection::Scatter)) {
+            (Ok(g), Ok(s)) => best = (best.0.max(g), best.1.max(s)),
+            (Err(e), _) | (_, Err(e)) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    drop(engine);
+    // SAFETY: the engine (and its streams) drained and is gone.
+    unsafe {
+        let _ = result::free_host(host as *mut c_void);
+        let _ = result::free_sync(dev);
+    }
+    outcome.map(|_| best)
 }
 
 #[cfg(test)]
