@@ -19,6 +19,27 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// How a GPU worker moves blocks between device memory and pinned L1.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuCopy {
+    /// Kernel gathers into a device staging buffer, then one contiguous DMA
+    /// per object (and the reverse); 64 MiB of device memory per stream.
+    Staged,
+    /// Kernel copies straight between device blocks and pinned host memory;
+    /// no device memory of its own.
+    Direct,
+}
+
+impl GpuCopy {
+    pub fn method(self) -> kvcoord_gpu::cuda::CopyMethod {
+        match self {
+            GpuCopy::Staged => kvcoord_gpu::cuda::CopyMethod::Staged,
+            GpuCopy::Direct => kvcoord_gpu::cuda::CopyMethod::Kernel,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +68,8 @@ pub struct ServerConfig {
     pub copy_lanes: u32,
     /// CUDA streams per direction (store, retrieve) of each GPU worker.
     pub gpu_streams: u32,
+    /// How GPU workers copy.
+    pub gpu_copy: GpuCopy,
     /// How long a closed connection's instances are kept for a reconnect.
     pub grace_ms: u64,
     /// How long a lookup's lease pins its chunks at most.
@@ -81,6 +104,7 @@ impl Default for ServerConfig {
             backend: BackendChoice::Auto,
             copy_lanes: 2,
             gpu_streams: kvcoord_gpu::cuda::engine::DEFAULT_STREAMS_PER_DIRECTION as u32,
+            gpu_copy: GpuCopy::Staged,
             grace_ms: 5_000,
             lease_ttl_ms: 10_000,
             max_frame_bytes: kvcoord_transport::frame::DEFAULT_MAX_FRAME_BYTES,

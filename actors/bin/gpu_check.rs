@@ -39,7 +39,7 @@ pub struct GpuCheckArgs {
     #[arg(long, default_value_t = 64)]
     chunks: u32,
     /// Requests (one chunk each) every worker keeps in flight.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     inflight: usize,
     /// Timed store + retrieve rounds (L1 is cleared between rounds).
     #[arg(long, default_value_t = 3)]
@@ -48,8 +48,11 @@ pub struct GpuCheckArgs {
     #[arg(long)]
     spread: bool,
     /// CUDA streams per direction of the coordinator's GPU workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     gpu_streams: u32,
+    /// The coordinator's GPU copy method.
+    #[arg(long, value_enum, default_value_t = kvcoord::config::GpuCopy::Staged)]
+    gpu_copy: kvcoord::config::GpuCopy,
     /// Only measure the copy engine alone with batched DMA (`cuMemcpyBatchAsync`)
     /// beside the kernel and the contiguous DMA baseline, then exit.
     #[arg(long, hide = true)]
@@ -156,13 +159,17 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
             d.name(),
             d.uuid_string()
         );
-        let (g, s) =
-            engine_baseline(d, CopyMethod::Kernel, args.gpu_streams as usize, args.dma_bytes, 32 << 10, 1024, 5)
-                .map_err(|e| e.to_string())?;
-        println!(
-            "device {i}: copy engine alone (32 KiB blocks, 1024 per kernel): gather {g:.1} GB/s, scatter {s:.1} GB/s"
-        );
-        engine_alone = (engine_alone.0 + g, engine_alone.1 + s);
+        for method in [CopyMethod::Kernel, CopyMethod::Staged] {
+            let streams = args.gpu_streams as usize;
+            let (g, s) =
+                engine_baseline(d, method, streams, args.dma_bytes, 32 << 10, 1024, 5).map_err(|e| e.to_string())?;
+            println!(
+                "device {i}: copy engine alone, {method:?} (32 KiB blocks, 1024 per job): gather {g:.1} GB/s, scatter {s:.1} GB/s"
+            );
+            if method == args.gpu_copy.method() {
+                engine_alone = (engine_alone.0 + g, engine_alone.1 + s);
+            }
+        }
         dma = (dma.0 + d2h, dma.1 + h2d);
     }
     if args.probe_dma_batch {
@@ -191,8 +198,20 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
     let l1 = (args.procs as u64 * (args.chunks as u64 + 16) * object).next_multiple_of(1 << 30);
     let l1_arg = format!("{}MiB", l1 >> 20);
     let streams = args.gpu_streams.to_string();
-    let server_args =
-        ["--backend", "cuda", "--l1-size", &l1_arg, "--l1-prealloc", "--grace-ms", "30000", "--gpu-streams", &streams];
+    let copy = format!("{:?}", args.gpu_copy).to_lowercase();
+    let server_args = [
+        "--backend",
+        "cuda",
+        "--l1-size",
+        &l1_arg,
+        "--l1-prealloc",
+        "--grace-ms",
+        "30000",
+        "--gpu-streams",
+        &streams,
+        "--gpu-copy",
+        &copy,
+    ];
     let start_server = || -> Result<Server, String> {
         let t = Instant::now();
         let s = Server::start(&socket, &log, &server_args).map_err(|e| e.to_string())?;

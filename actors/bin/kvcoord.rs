@@ -78,6 +78,9 @@ struct ServeArgs {
     /// CUDA streams per direction (store, retrieve) of each GPU worker.
     #[arg(long, env = "KVCOORD_GPU_STREAMS")]
     gpu_streams: Option<u32>,
+    /// How GPU workers copy: through device staging (default) or direct.
+    #[arg(long, value_enum, env = "KVCOORD_GPU_COPY")]
+    gpu_copy: Option<kvcoord::config::GpuCopy>,
     /// Milliseconds a closed connection's instances are kept.
     #[arg(long, env = "KVCOORD_GRACE_MS")]
     grace_ms: Option<u64>,
@@ -125,6 +128,7 @@ impl ServeArgs {
             backend,
             copy_lanes,
             gpu_streams,
+            gpu_copy,
             grace_ms,
             lease_ttl_ms,
             shutdown_timeout_ms,

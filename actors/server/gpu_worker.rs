@@ -21,7 +21,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use kvcoord_gpu::cuda::engine::chunk_segments;
 use kvcoord_gpu::cuda::ipc::IpcOpenError;
-use kvcoord_gpu::cuda::{CopyDirection, CopyEngine, CudaDevice, IpcKvMemory, Segment};
+use kvcoord_gpu::cuda::{CopyDirection, CopyEngine, CopyMethod, CudaDevice, IpcKvMemory, Segment};
 use kvcoord_gpu::host::HostMemoryError;
 use kvcoord_gpu::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
@@ -137,17 +137,18 @@ pub struct GpuWorker {
 
 impl GpuWorker {
     /// A worker for lane `lane`: a device's (with that many streams per
-    /// direction) when `device` is given, else a host copy lane. Call on the worker's own arbiter thread.
+    /// direction and that copy method) when `device` is given, else a host
+    /// copy lane. Call on the worker's own arbiter thread.
     pub fn new(
         lane: u32,
         generation: u64,
         supervisor: Recipient<ChildExited>,
-        device: Option<(Arc<CudaDevice>, usize)>,
+        device: Option<(Arc<CudaDevice>, usize, CopyMethod)>,
     ) -> Self {
         let copier = match device {
             None => Copier::Host,
-            Some((d, streams)) => {
-                let engine = CopyEngine::new(d.clone(), streams).map_err(|e| e.to_string());
+            Some((d, streams, method)) => {
+                let engine = CopyEngine::new(d.clone(), streams, method).map_err(|e| e.to_string());
                 if let Err(e) = &engine {
                     tracing::error!(lane, device = %d.uuid_string(), error = %e, "copy engine failed to start");
                 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use kvcoord_gpu::cuda::{CopyEngine, CudaDevice, PinnedSlabs};
+use kvcoord_gpu::cuda::{CopyEngine, CopyMethod, CudaDevice, PinnedSlabs};
 use kvcoord_gpu::Arena;
 use kvcoord_transport::stream::write_loop;
 use kvcoord_transport::{
@@ -70,18 +70,18 @@ struct Backend {
 
 /// Opens every visible device and checks that the copy kernel loads on each,
 /// so a broken CUDA setup fails at start, not at the first copy.
-fn open_devices(streams: usize) -> Result<Vec<Arc<CudaDevice>>, String> {
+fn open_devices(streams: usize, method: CopyMethod) -> Result<Vec<Arc<CudaDevice>>, String> {
     let devices = CudaDevice::all().map_err(|e| e.to_string())?;
     if devices.is_empty() {
         return Err("the CUDA driver shows no device".into());
     }
     for d in &devices {
-        CopyEngine::new(d.clone(), streams).map_err(|e| format!("device {}: {e}", d.uuid_string()))?;
+        CopyEngine::new(d.clone(), streams, method).map_err(|e| format!("device {}: {e}", d.uuid_string()))?;
     }
     Ok(devices)
 }
 
-fn pick_backend(choice: BackendChoice, streams: usize) -> Result<Backend, StartError> {
+fn pick_backend(choice: BackendChoice, streams: usize, method: CopyMethod) -> Result<Backend, StartError> {
     let host = || Backend { name: "host", devices: Vec::new() };
     // `driver_present` is the only CUDA call made before we know libcuda
     // exists: cudarc panics on any other call without it.
@@ -92,7 +92,7 @@ fn pick_backend(choice: BackendChoice, streams: usize) -> Result<Backend, StartE
             tracing::info!("no CUDA driver found; falling back to the host backend");
             host()
         }
-        BackendChoice::Auto => match open_devices(streams) {
+        BackendChoice::Auto => match open_devices(streams, method) {
             Ok(devices) => Backend { name: "cuda", devices },
             Err(e) => {
                 tracing::warn!(error = %e, "a CUDA driver is present but unusable; falling back to the host backend");
@@ -103,7 +103,8 @@ fn pick_backend(choice: BackendChoice, streams: usize) -> Result<Backend, StartE
             return Err(StartError::Backend("--backend cuda: no CUDA driver on this machine".into()))
         }
         BackendChoice::Cuda => {
-            let devices = open_devices(streams).map_err(|e| StartError::Backend(format!("--backend cuda: {e}")))?;
+            let devices =
+                open_devices(streams, method).map_err(|e| StartError::Backend(format!("--backend cuda: {e}")))?;
             Backend { name: "cuda", devices }
         }
     };
@@ -123,7 +124,8 @@ impl Coordinator {
     /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
     pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
         config.validate()?;
-        let Backend { name: backend, devices } = pick_backend(config.backend, config.gpu_streams as usize)?;
+        let Backend { name: backend, devices } =
+            pick_backend(config.backend, config.gpu_streams as usize, config.gpu_copy.method())?;
         let epoch = ServerEpoch::random();
         // On CUDA, L1 is pinned (portable) so every device's kernel reaches it.
         let arena = match devices.first() {

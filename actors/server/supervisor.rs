@@ -118,7 +118,8 @@ impl Supervisor {
         let generation = self.generation();
         let arbiter = Arbiter::new();
         let me = ctx.address().recipient();
-        let d = device.clone().map(|d| (d, self.shared.config.gpu_streams as usize));
+        let c = &self.shared.config;
+        let d = device.clone().map(|d| (d, c.gpu_streams as usize, c.gpu_copy.method()));
         // The worker (and a device's copy engine) is built on its own thread.
         let addr = GpuWorker::start_in_arbiter(&arbiter.handle(), move |_| GpuWorker::new(lane, generation, me, d));
         Lane { addr, arbiter, generation, device }

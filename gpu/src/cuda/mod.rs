@@ -21,7 +21,7 @@ pub mod ipc;
 pub mod pinned;
 
 pub use device::CudaDevice;
-pub use engine::{CopyDirection, CopyEngine, Segment};
+pub use engine::{CopyDirection, CopyEngine, CopyMethod, Segment};
 pub use export::{DeviceKvCache, ReadyEvent};
 pub use ipc::IpcKvMemory;
 pub use pinned::PinnedSlabs;
