@@ -9,18 +9,16 @@
 //! retrieved chunks are verified byte for byte. It must never take a path
 //! that production requests do not: it uses [`WorkerHandle`].
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use kvcoord_gpu::arena::{Slab, SlabSource};
 use kvcoord_gpu::cuda::{CudaDevice, CudaError, DeviceKvCache, PinnedSlabs, ReadyEvent};
 use kvcoord_gpu::{BlockId, KvLayout};
 use kvcoord_transport::{ChunkHash, InstanceKey, RegisterKvCache, RequestError, StoreOutcome};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::client::{RetrieveResult, WorkerHandle};
-use crate::workload::{fill, matches, pattern_seed, Verified};
+use crate::workload::{fill, matches, pattern_seed, pick_blocks, Verified};
 
 /// One TP rank with its KV cache on a GPU.
 pub struct GpuTpWorker {
@@ -76,13 +74,8 @@ impl GpuTpWorker {
 
     /// Distinct random block ids for `chunks` chunks, avoiding `avoid`.
     pub fn pick_blocks(&mut self, chunks: usize, avoid: &[u32]) -> Vec<u32> {
-        let n = self.cache.layout().num_blocks;
-        let avoid: HashSet<u32> = avoid.iter().copied().collect();
-        let mut all: Vec<u32> = (0..n).filter(|b| !avoid.contains(b)).collect();
-        all.shuffle(&mut self.rng);
-        all.truncate(chunks * self.blocks_per_chunk());
-        assert_eq!(all.len(), chunks * self.blocks_per_chunk(), "KV cache too small for {chunks} chunks");
-        all
+        let (n, per_chunk) = (self.cache.layout().num_blocks, self.blocks_per_chunk());
+        pick_blocks(&mut self.rng, n, chunks * per_chunk, avoid)
     }
 
     /// Queues the chunks' contents into `blocks` on the cache's stream and

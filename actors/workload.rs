@@ -60,6 +60,16 @@ pub(crate) fn matches(src: &[u8], seed: u64) -> bool {
     src.chunks(8).all(|word| word == &next().to_le_bytes()[..word.len()])
 }
 
+/// `count` distinct random block ids below `num_blocks`, none in `avoid`.
+pub(crate) fn pick_blocks(rng: &mut rand::rngs::StdRng, num_blocks: u32, count: usize, avoid: &[u32]) -> Vec<u32> {
+    let avoid: HashSet<u32> = avoid.iter().copied().collect();
+    let mut all: Vec<u32> = (0..num_blocks).filter(|b| !avoid.contains(b)).collect();
+    all.shuffle(rng);
+    all.truncate(count);
+    assert_eq!(all.len(), count, "KV cache too small for {count} blocks");
+    all
+}
+
 /// One TP rank: its KV cache in shared memory and its worker client.
 pub struct TpWorker {
     pub client: WorkerHandle,
@@ -109,13 +119,8 @@ impl TpWorker {
 
     /// Distinct random block ids for `chunks` chunks, avoiding `avoid`.
     pub fn pick_blocks(&mut self, chunks: usize, avoid: &[u32]) -> Vec<u32> {
-        let n = self.cache.layout().num_blocks;
-        let avoid: HashSet<u32> = avoid.iter().copied().collect();
-        let mut all: Vec<u32> = (0..n).filter(|b| !avoid.contains(b)).collect();
-        all.shuffle(&mut self.rng);
-        all.truncate(chunks * self.blocks_per_chunk());
-        assert_eq!(all.len(), chunks * self.blocks_per_chunk(), "KV cache too small for {chunks} chunks");
-        all
+        let (n, per_chunk) = (self.cache.layout().num_blocks, self.blocks_per_chunk());
+        pick_blocks(&mut self.rng, n, chunks * per_chunk, avoid)
     }
 
     /// Writes the chunks' deterministic contents into `blocks`.

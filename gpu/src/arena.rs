@@ -195,11 +195,7 @@ impl Arena {
             if size == 0 || st.slabs.len() == MAX_SLABS {
                 return Ok(have);
             }
-            let mem = self.inner.source.allocate(size as usize)?;
-            self.inner.bases[st.slabs.len()].store(mem.ptr() as usize, Ordering::Release);
-            let mut free = BTreeMap::new();
-            free.insert(0, size);
-            st.slabs.push(SlabState { mem, free });
+            self.inner.take_slab(&mut st, size)?;
             have += size;
         }
     }
@@ -271,12 +267,7 @@ impl Arena {
                 if size < need || st.slabs.len() == MAX_SLABS {
                     return Ok(None);
                 }
-                let mem = self.inner.source.allocate(size as usize)?;
-                self.inner.bases[st.slabs.len()].store(mem.ptr() as usize, Ordering::Release);
-                let mut free = BTreeMap::new();
-                free.insert(0, size);
-                st.slabs.push(SlabState { mem, free });
-                (st.slabs.len() - 1, 0, size)
+                (self.inner.take_slab(&mut st, size)?, 0, size)
             }
         };
         let s = &mut st.slabs[slab];
@@ -290,6 +281,16 @@ impl Arena {
 }
 
 impl ArenaInner {
+    /// Takes one slab of `size` bytes from the source, all free; returns its index.
+    fn take_slab(&self, st: &mut ArenaState, size: u64) -> std::io::Result<usize> {
+        let mem = self.source.allocate(size as usize)?;
+        self.bases[st.slabs.len()].store(mem.ptr() as usize, Ordering::Release);
+        let mut free = BTreeMap::new();
+        free.insert(0, size);
+        st.slabs.push(SlabState { mem, free });
+        Ok(st.slabs.len() - 1)
+    }
+
     fn free(&self, slab: usize, offset: u64, len: u64) {
         let mut st = self.state.lock();
         st.used -= len;

@@ -249,9 +249,16 @@ impl CopyEngine {
             }
             return Err(e);
         }
-        completions
-            .send(Pending { event: event as usize, done: Box::new(done) })
-            .map_err(|_| CudaError::Invalid("completion thread gone".into()))
+        completions.send(Pending { event: event as usize, done: Box::new(done) }).map_err(|lost| {
+            // No thread will wait for this copy: wait here, so that what
+            // `done` owns is released only after the copy ran.
+            // SAFETY: our stream; the event is destroyed once.
+            unsafe {
+                let _ = result::stream::synchronize(stream);
+                let _ = result::event::destroy(lost.0.event as sys::CUevent);
+            }
+            CudaError::Invalid("completion thread gone".into())
+        })
     }
 
     /// Queues the copy through the lane's staging buffer, one fill at a
