@@ -70,26 +70,6 @@ impl CudaDevice {
         format_uuid(&self.uuid)
     }
 
-    /// Keeps up to `bytes` of freed stream-ordered memory in the device's
-    /// default pool instead of returning it to the driver at every
-    /// synchronisation, so `cuMemAllocAsync` on the copy path stays a pool
-    /// hit rather than a fresh mapping.
-    pub fn keep_pool_memory(&self, bytes: u64) -> Result<(), CudaError> {
-        self.bind()?;
-        // SAFETY: `device` came from `cuDeviceGet`; the attribute takes a
-        // `cuuint64_t`, which `value` is, and outlives the call.
-        unsafe {
-            let pool = result::device::get_default_mem_pool(self.device).map_err(op("cuDeviceGetDefaultMemPool"))?;
-            let mut value: u64 = bytes;
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut value as *mut u64).cast(),
-            )
-            .map_err(op("cuMemPoolSetAttribute"))
-        }
-    }
-
     /// Makes this device's primary context current on the calling thread.
     /// Every driver call that needs a context is preceded by this.
     pub fn bind(&self) -> Result<(), CudaError> {

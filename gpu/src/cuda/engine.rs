@@ -91,6 +91,52 @@ type Completion = Box<dyn FnOnce(Result<(), CudaError>) + Send>;
 struct Pending {
     event: usize,
     done: Completion,
+    /// Segment tables the copy's kernels read, returned after it completed.
+    tables: Vec<usize>,
+}
+
+/// Segments per kernel launch: one pinned table's worth.
+const TABLE_SEGMENTS: usize = 4096;
+
+/// Pinned, device-mapped buffers of [`TABLE_SEGMENTS`] segments that the
+/// kernel reads its segment table from, reused once their copy completed.
+/// (Uploading each table with a pageable copy instead made deep store queues
+/// stall: the driver's staging for pageable copies ran out.)
+struct TablePool {
+    device: Arc<CudaDevice>,
+    free: parking_lot::Mutex<Vec<usize>>,
+}
+
+impl TablePool {
+    fn take(&self) -> Result<usize, CudaError> {
+        if let Some(p) = self.free.lock().pop() {
+            return Ok(p);
+        }
+        self.device.bind()?;
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: context bound; the buffer is owned by this pool (or by a
+        // pending copy, which gives it back) and freed in `Drop`.
+        let p = unsafe { result::malloc_host(TABLE_SEGMENTS * std::mem::size_of::<Segment>(), flags) }
+            .map_err(op("cuMemHostAlloc"))?;
+        Ok(p as usize)
+    }
+
+    fn give_back(&self, tables: Vec<usize>) {
+        self.free.lock().extend(tables);
+    }
+}
+
+impl Drop for TablePool {
+    fn drop(&mut self) {
+        if self.device.bind().is_err() {
+            return;
+        }
+        for p in self.free.get_mut().drain(..) {
+            // SAFETY: allocated by `take`, freed once; no copy holds it (the
+            // pool is dropped only after every completion thread ended).
+            let _ = unsafe { result::free_host(p as *mut c_void) };
+        }
+    }
 }
 
 /// Device staging memory per stream ([`CopyMethod::Staged`]).
@@ -115,6 +161,7 @@ pub struct CopyEngine {
     retrieve: Vec<StreamLane>,
     next: std::sync::atomic::AtomicUsize,
     method: CopyMethod,
+    tables: Arc<TablePool>,
 }
 
 // SAFETY: the handles are plain driver values usable from any thread once
@@ -122,7 +169,11 @@ pub struct CopyEngine {
 // `Send`.
 unsafe impl Send for CopyEngine {}
 
-fn completion_thread(device: Arc<CudaDevice>, name: &str) -> Result<mpsc::Sender<Pending>, CudaError> {
+fn completion_thread(
+    device: Arc<CudaDevice>,
+    tables: Arc<TablePool>,
+    name: &str,
+) -> Result<mpsc::Sender<Pending>, CudaError> {
     let (tx, rx) = mpsc::channel::<Pending>();
     std::thread::Builder::new()
         .name(format!("kvc-{name}-done-{}", device.ordinal()))
@@ -138,6 +189,7 @@ fn completion_thread(device: Arc<CudaDevice>, name: &str) -> Result<mpsc::Sender
                 });
                 // SAFETY: created by `submit`, waited for above, destroyed once.
                 let _ = unsafe { result::event::destroy(event) };
+                tables.give_back(p.tables);
                 (p.done)(r);
             }
         })
@@ -151,9 +203,6 @@ impl CopyEngine {
     /// them.
     pub fn new(device: Arc<CudaDevice>, streams: usize, method: CopyMethod) -> Result<Self, CudaError> {
         device.bind()?;
-        // Segment tables come from the stream-ordered pool; keep what they
-        // free (a few MiB) rather than unmapping it at every event wait.
-        device.keep_pool_memory(64 << 20)?;
         let ptx = CString::new(PTX).map_err(|_| CudaError::Invalid("PTX contains a NUL byte".into()))?;
         // SAFETY: `ptx` is a NUL-terminated PTX image that outlives the call.
         let module = unsafe { result::module::load_data(ptx.as_ptr().cast()) }.map_err(op("cuModuleLoadData"))?;
@@ -161,6 +210,7 @@ impl CopyEngine {
         let function = unsafe { result::module::get_function(module, CString::new(KERNEL).expect("no NUL")) }
             .map_err(op("cuModuleGetFunction"))?;
         let (lowest, highest) = result::stream::get_priority_range().map_err(op("cuCtxGetStreamPriorityRange"))?;
+        let device_for_tables = device.clone();
         let mut engine = CopyEngine {
             device,
             module,
@@ -169,6 +219,7 @@ impl CopyEngine {
             retrieve: Vec::new(),
             next: std::sync::atomic::AtomicUsize::new(0),
             method,
+            tables: Arc::new(TablePool { device: device_for_tables, free: parking_lot::Mutex::new(Vec::new()) }),
         };
         for _ in 0..streams.max(1) {
             for (lanes, priority, name) in
@@ -178,7 +229,7 @@ impl CopyEngine {
                     .map_err(op("cuStreamCreateWithPriority"))?;
                 lanes.push(StreamLane { stream, completions: None, staging: 0 });
                 let lane = lanes.last_mut().expect("just pushed");
-                lane.completions = Some(completion_thread(engine.device.clone(), name)?);
+                lane.completions = Some(completion_thread(engine.device.clone(), engine.tables.clone(), name)?);
                 if method == CopyMethod::Staged {
                     // SAFETY: context bound; freed in `Drop` after the
                     // stream drained.
@@ -230,10 +281,11 @@ impl CopyEngine {
             sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32 | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         // SAFETY: context bound; `event` is a valid out-pointer.
         unsafe { sys::cuEventCreate(&mut event, flags) }.result().map_err(op("cuEventCreate"))?;
+        let mut tables = Vec::new();
         let launched = match (segments.is_empty(), self.method) {
             (true, _) => Ok(()),
-            (false, CopyMethod::Kernel) => self.launch(stream, segments),
-            (false, CopyMethod::Staged) => self.staged(lane, direction, segments),
+            (false, CopyMethod::Kernel) => self.launch(stream, segments, &mut tables),
+            (false, CopyMethod::Staged) => self.staged(lane, direction, segments, &mut tables),
             (false, CopyMethod::DmaBatch) => Self::dma_batch(stream, segments),
         };
         // SAFETY: `event` and `stream` are alive.
@@ -247,9 +299,10 @@ impl CopyEngine {
                 let _ = result::stream::synchronize(stream);
                 let _ = result::event::destroy(event);
             }
+            self.tables.give_back(tables);
             return Err(e);
         }
-        completions.send(Pending { event: event as usize, done: Box::new(done) }).map_err(|lost| {
+        completions.send(Pending { event: event as usize, done: Box::new(done), tables }).map_err(|lost| {
             // No thread will wait for this copy: wait here, so that what
             // `done` owns is released only after the copy ran.
             // SAFETY: our stream; the event is destroyed once.
@@ -257,6 +310,7 @@ impl CopyEngine {
                 let _ = result::stream::synchronize(stream);
                 let _ = result::event::destroy(lost.0.event as sys::CUevent);
             }
+            self.tables.give_back(lost.0.tables);
             CudaError::Invalid("completion thread gone".into())
         })
     }
@@ -266,7 +320,13 @@ impl CopyEngine {
     /// consecutive segments that are contiguous (an L1 object) move as one
     /// DMA. Stream order keeps a fill from overwriting the staging buffer
     /// before the previous fill's copies out of it ran.
-    fn staged(&self, lane: &StreamLane, direction: CopyDirection, segments: &[Segment]) -> Result<(), CudaError> {
+    fn staged(
+        &self,
+        lane: &StreamLane,
+        direction: CopyDirection,
+        segments: &[Segment],
+        tables: &mut Vec<usize>,
+    ) -> Result<(), CudaError> {
         let stream = lane.stream;
         let mut rest = segments;
         while !rest.is_empty() {
@@ -295,7 +355,7 @@ impl CopyEngine {
             }
             rest = &rest[fill.len()..];
             if direction == CopyDirection::Gather {
-                self.launch(stream, &fill)?;
+                self.launch(stream, &fill, tables)?;
             }
             for &(host, offset, bytes) in &runs {
                 let staged = lane.staging + offset;
@@ -315,7 +375,7 @@ impl CopyEngine {
                 r.result().map_err(op("cuMemcpyAsync (staging)"))?;
             }
             if direction == CopyDirection::Scatter {
-                self.launch(stream, &fill)?;
+                self.launch(stream, &fill, tables)?;
             }
         }
         Ok(())
@@ -352,33 +412,29 @@ impl CopyEngine {
         .map_err(op("cuMemcpyBatchAsync"))
     }
 
-    /// Uploads the segment table to a stream-ordered device buffer and
-    /// launches one CTA per segment.
-    fn launch(&self, stream: sys::CUstream, segments: &[Segment]) -> Result<(), CudaError> {
-        let bytes = std::mem::size_of_val(segments);
-        let count = u32::try_from(segments.len()).map_err(|_| CudaError::Invalid("too many segments".into()))?;
-        let mut table: sys::CUdeviceptr = 0;
-        // SAFETY: context bound; the buffer is freed on the same stream after
-        // the kernel (stream order), below.
-        unsafe { sys::cuMemAllocAsync(&mut table, bytes, stream) }.result().map_err(op("cuMemAllocAsync"))?;
-        // SAFETY: `segments` is pageable host memory: the driver copies it
-        // into a staging buffer before returning, so it may be dropped after.
-        let r = unsafe { result::memcpy_htod_async(table, segments, stream) }.map_err(op("cuMemcpyHtoDAsync"));
-        let r = r.and_then(|_| {
-            let mut table_arg = table;
-            let mut count_arg = count;
+    /// Writes the segments into pinned tables (taken from the pool and
+    /// recorded in `tables` until the copy completes) and launches one CTA
+    /// per segment, [`TABLE_SEGMENTS`] segments per launch.
+    fn launch(&self, stream: sys::CUstream, segments: &[Segment], tables: &mut Vec<usize>) -> Result<(), CudaError> {
+        for part in segments.chunks(TABLE_SEGMENTS) {
+            let table = self.tables.take()?;
+            tables.push(table);
+            // SAFETY: `table` holds TABLE_SEGMENTS segments and `part` at
+            // most that many; no kernel reads this table (it was free).
+            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), table as *mut Segment, part.len()) };
+            let mut table_arg = table as u64;
+            let mut count_arg = part.len() as u32;
             let mut params = [(&mut table_arg as *mut u64).cast::<c_void>(), (&mut count_arg as *mut u32).cast()];
-            let grid = count.min(1 << 20);
             // SAFETY: the function takes (const Segment*, unsigned int),
-            // matching `params`; the caller guaranteed every segment's memory.
+            // matching `params`; the table is device-mapped pinned memory
+            // (unified addressing) kept until the copy completed; the caller
+            // guaranteed every segment's memory.
             unsafe {
-                result::launch_kernel(self.function, (grid, 1, 1), (THREADS_PER_CTA, 1, 1), 0, stream, &mut params)
+                result::launch_kernel(self.function, (count_arg, 1, 1), (THREADS_PER_CTA, 1, 1), 0, stream, &mut params)
             }
-            .map_err(op("cuLaunchKernel"))
-        });
-        // SAFETY: `table` came from `cuMemAllocAsync` on this stream.
-        let freed = unsafe { sys::cuMemFreeAsync(table, stream) }.result().map_err(op("cuMemFreeAsync"));
-        r.and(freed)
+            .map_err(op("cuLaunchKernel"))?;
+        }
+        Ok(())
     }
 }
 
