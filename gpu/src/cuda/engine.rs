@@ -86,6 +86,61 @@ pub fn chunk_segments(
     });
 }
 
+/// One run of host memory that moves by one DMA to or from staging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostRun {
+    pub host: u64,
+    pub staged: u64,
+    pub len: u64,
+}
+
+/// One fill of a staging buffer: the kernel's segments (between device
+/// blocks and staging) and the host runs that move by DMA.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StagingFill {
+    pub kernel: Vec<Segment>,
+    pub runs: Vec<HostRun>,
+}
+
+/// Splits a copy into fills of a staging buffer at `staging` of `capacity`
+/// bytes. Each fill holds whole segments in order; the host sides of
+/// consecutive segments that are contiguous (one L1 object) become one run.
+pub fn plan_staging(
+    direction: CopyDirection,
+    segments: &[Segment],
+    staging: u64,
+    capacity: u64,
+) -> Result<Vec<StagingFill>, CudaError> {
+    let mut fills = Vec::new();
+    let mut rest = segments;
+    while !rest.is_empty() {
+        let mut fill = StagingFill { kernel: Vec::new(), runs: Vec::new() };
+        let mut used = 0u64;
+        for s in rest {
+            if s.len > capacity {
+                return Err(CudaError::Invalid(format!("a {}-byte block exceeds the staging buffer", s.len)));
+            }
+            if used + s.len > capacity {
+                break;
+            }
+            let staged = staging + used;
+            let (host, seg) = match direction {
+                CopyDirection::Gather => (s.dst, Segment { src: s.src, dst: staged, len: s.len }),
+                CopyDirection::Scatter => (s.src, Segment { src: staged, dst: s.dst, len: s.len }),
+            };
+            match fill.runs.last_mut() {
+                Some(r) if r.host + r.len == host && r.staged + r.len == staged => r.len += s.len,
+                _ => fill.runs.push(HostRun { host, staged, len: s.len }),
+            }
+            fill.kernel.push(seg);
+            used += s.len;
+        }
+        rest = &rest[fill.kernel.len()..];
+        fills.push(fill);
+    }
+    Ok(fills)
+}
+
 type Completion = Box<dyn FnOnce(Result<(), CudaError>) + Send>;
 
 struct Pending {
@@ -315,11 +370,9 @@ impl CopyEngine {
         })
     }
 
-    /// Queues the copy through the lane's staging buffer, one fill at a
-    /// time: each fill holds whole segments, and the host sides of
-    /// consecutive segments that are contiguous (an L1 object) move as one
-    /// DMA. Stream order keeps a fill from overwriting the staging buffer
-    /// before the previous fill's copies out of it ran.
+    /// Queues the copy through the lane's staging buffer, one fill at a time
+    /// (see [`plan_staging`]). Stream order keeps a fill from overwriting the
+    /// staging buffer before the previous fill's copies out of it ran.
     fn staged(
         &self,
         lane: &StreamLane,
@@ -328,54 +381,28 @@ impl CopyEngine {
         tables: &mut Vec<usize>,
     ) -> Result<(), CudaError> {
         let stream = lane.stream;
-        let mut rest = segments;
-        while !rest.is_empty() {
-            let mut fill = Vec::new();
-            // (host address, staging offset, bytes) of each contiguous run.
-            let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-            let mut used = 0u64;
-            for s in rest {
-                if s.len > STAGING_BYTES {
-                    return Err(CudaError::Invalid(format!("a {}-byte block exceeds the staging buffer", s.len)));
-                }
-                if used + s.len > STAGING_BYTES {
-                    break;
-                }
-                let staged = lane.staging + used;
-                let (host, seg) = match direction {
-                    CopyDirection::Gather => (s.dst, Segment { src: s.src, dst: staged, len: s.len }),
-                    CopyDirection::Scatter => (s.src, Segment { src: staged, dst: s.dst, len: s.len }),
-                };
-                match runs.last_mut() {
-                    Some(r) if r.0 + r.2 == host && r.1 + r.2 == used => r.2 += s.len,
-                    _ => runs.push((host, used, s.len)),
-                }
-                fill.push(seg);
-                used += s.len;
-            }
-            rest = &rest[fill.len()..];
+        for fill in plan_staging(direction, segments, lane.staging, STAGING_BYTES)? {
             if direction == CopyDirection::Gather {
-                self.launch(stream, &fill, tables)?;
+                self.launch(stream, &fill.kernel, tables)?;
             }
-            for &(host, offset, bytes) in &runs {
-                let staged = lane.staging + offset;
-                // SAFETY: `host` spans `bytes` of pinned memory the caller
-                // vouched for; the staging range lies inside the lane's
-                // buffer (offset + bytes <= STAGING_BYTES).
+            for run in &fill.runs {
+                // SAFETY: `run.host` spans `run.len` bytes of pinned memory
+                // the caller vouched for; the staging range lies inside the
+                // lane's buffer (`plan_staging` keeps every fill within it).
                 let r = unsafe {
                     match direction {
                         CopyDirection::Gather => {
-                            sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, staged, bytes as usize, stream)
+                            sys::cuMemcpyDtoHAsync_v2(run.host as *mut c_void, run.staged, run.len as usize, stream)
                         }
                         CopyDirection::Scatter => {
-                            sys::cuMemcpyHtoDAsync_v2(staged, host as *const c_void, bytes as usize, stream)
+                            sys::cuMemcpyHtoDAsync_v2(run.staged, run.host as *const c_void, run.len as usize, stream)
                         }
                     }
                 };
                 r.result().map_err(op("cuMemcpyAsync (staging)"))?;
             }
             if direction == CopyDirection::Scatter {
-                self.launch(stream, &fill, tables)?;
+                self.launch(stream, &fill.kernel, tables)?;
             }
         }
         Ok(())
@@ -600,6 +627,54 @@ pub fn engine_baseline(
 mod tests {
     use super::*;
     use crate::layout::Dtype;
+
+    fn seg(src: u64, dst: u64, len: u64) -> Segment {
+        Segment { src, dst, len }
+    }
+
+    #[test]
+    fn staging_fills_hold_whole_segments_and_merge_contiguous_host_runs() {
+        // Two objects at host 10_000 and 50_000, three 100-byte blocks each,
+        // device blocks scattered; staging of 400 bytes at 7_000.
+        let segs = [
+            seg(900, 10_000, 100),
+            seg(300, 10_100, 100),
+            seg(700, 10_200, 100),
+            seg(100, 50_000, 100),
+            seg(500, 50_100, 100),
+            seg(200, 50_200, 100),
+        ];
+        let fills = plan_staging(CopyDirection::Gather, &segs, 7_000, 400).unwrap();
+        assert_eq!(fills.len(), 2);
+        assert_eq!(
+            fills[0].kernel,
+            [seg(900, 7_000, 100), seg(300, 7_100, 100), seg(700, 7_200, 100), seg(100, 7_300, 100)]
+        );
+        assert_eq!(
+            fills[0].runs,
+            [HostRun { host: 10_000, staged: 7_000, len: 300 }, HostRun { host: 50_000, staged: 7_300, len: 100 }]
+        );
+        assert_eq!(fills[1].kernel, [seg(500, 7_000, 100), seg(200, 7_100, 100)]);
+        assert_eq!(fills[1].runs, [HostRun { host: 50_100, staged: 7_000, len: 200 }]);
+    }
+
+    #[test]
+    fn scatter_fills_mirror_gather_fills() {
+        let segs = [seg(10_000, 900, 100), seg(10_100, 300, 100), seg(20_000, 700, 100)];
+        let fills = plan_staging(CopyDirection::Scatter, &segs, 7_000, 1_000).unwrap();
+        assert_eq!(fills.len(), 1);
+        assert_eq!(fills[0].kernel, [seg(7_000, 900, 100), seg(7_100, 300, 100), seg(7_200, 700, 100)]);
+        assert_eq!(
+            fills[0].runs,
+            [HostRun { host: 10_000, staged: 7_000, len: 200 }, HostRun { host: 20_000, staged: 7_200, len: 100 }]
+        );
+    }
+
+    #[test]
+    fn a_block_larger_than_the_staging_buffer_is_refused() {
+        assert!(plan_staging(CopyDirection::Gather, &[seg(0, 0, 401)], 7_000, 400).is_err());
+        assert!(plan_staging(CopyDirection::Gather, &[], 7_000, 400).unwrap().is_empty());
+    }
 
     #[test]
     fn segments_walk_the_object_in_layer_plane_block_order() {
