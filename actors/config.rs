@@ -32,10 +32,10 @@ pub enum GpuCopy {
 }
 
 impl GpuCopy {
-    pub fn method(self) -> kvcoord_gpu::cuda::CopyMethod {
+    pub fn method(self) -> kvcoord_memory::cuda::CopyMethod {
         match self {
-            GpuCopy::Staged => kvcoord_gpu::cuda::CopyMethod::Staged,
-            GpuCopy::Direct => kvcoord_gpu::cuda::CopyMethod::Kernel,
+            GpuCopy::Staged => kvcoord_memory::cuda::CopyMethod::Staged,
+            GpuCopy::Direct => kvcoord_memory::cuda::CopyMethod::Kernel,
         }
     }
 }
@@ -103,7 +103,7 @@ impl Default for ServerConfig {
             chunk_tokens: 256,
             backend: BackendChoice::Auto,
             copy_lanes: 2,
-            gpu_streams: kvcoord_gpu::cuda::engine::DEFAULT_STREAMS_PER_DIRECTION as u32,
+            gpu_streams: kvcoord_memory::cuda::engine::DEFAULT_STREAMS_PER_DIRECTION as u32,
             gpu_copy: GpuCopy::Staged,
             grace_ms: 5_000,
             lease_ttl_ms: 10_000,

@@ -11,9 +11,9 @@
 
 use std::sync::Arc;
 
-use kvcoord_gpu::arena::{Slab, SlabSource};
-use kvcoord_gpu::cuda::{CudaDevice, CudaError, DeviceKvCache, PinnedSlabs, ReadyEvent};
-use kvcoord_gpu::{BlockId, KvLayout};
+use kvcoord_memory::arena::{Slab, SlabSource};
+use kvcoord_memory::cuda::{CudaDevice, CudaError, DeviceKvCache, PinnedSlabs, ReadyEvent};
+use kvcoord_memory::{BlockId, KvLayout};
 use kvcoord_transport::{ChunkHash, InstanceKey, RegisterKvCache, RequestError, StoreOutcome};
 use rand::SeedableRng;
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use kvcoord_gpu::{HostKvCache, KvLayout, MemoryHandle};
+use kvcoord_memory::{HostKvCache, KvLayout, MemoryHandle};
 use kvcoord_transport::{chunk_hashes, ChunkHash, InstanceKey, RegisterKvCache, RequestError, StoreOutcome};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -18,7 +18,7 @@ use crate::client::{RetrieveResult, WorkerHandle};
 /// The layout the benchmarks and examples use unless told otherwise: 32
 /// layers, 16-token blocks, 8 KV heads of 128, bf16 (32 KiB per block plane).
 pub fn vllm_like_layout(num_blocks: u32) -> KvLayout {
-    KvLayout::mha(32, num_blocks, 16, 8, 128, kvcoord_gpu::Dtype::Bf16)
+    KvLayout::mha(32, num_blocks, 16, 8, 128, kvcoord_memory::Dtype::Bf16)
 }
 
 /// Token ids of prompt `prefix` of an engine: the same on every rank.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::workload::{prefix_hashes, TpWorker};
 use kvcoord::{Coordinator, ServerConfig};
-use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::InstanceKey;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

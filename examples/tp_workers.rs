@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::workload::{prefix_hashes, TpWorker};
 use kvcoord::{Coordinator, ServerConfig};
-use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey};
 
 const CHUNKS: usize = 4;

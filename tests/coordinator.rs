@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use kvcoord::workload::prefix_hashes;
-use kvcoord_gpu::{HostKvCache, MemoryHandle};
+use kvcoord_memory::{HostKvCache, MemoryHandle};
 use kvcoord_transport::frame;
 use kvcoord_transport::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,7 +117,7 @@ async fn eviction_under_a_small_l1_never_evicts_a_leased_chunk_nor_serves_other_
     assert!(full_store.contains(&StoreOutcome::SkippedNoMemory), "{full_store:?}");
 }
 
-fn register_body(key: InstanceKey, layout: kvcoord_gpu::KvLayout, size: u64) -> RequestBody {
+fn register_body(key: InstanceKey, layout: kvcoord_memory::KvLayout, size: u64) -> RequestBody {
     RequestBody::Register(RegisterKvCache {
         instance: key,
         model: "test-model".into(),
@@ -151,20 +151,20 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
 
     // Memory smaller than the layout.
     let small =
-        HostKvCache::create("small", kvcoord_gpu::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_gpu::Dtype::Bf16)).unwrap();
+        HostKvCache::create("small", kvcoord_memory::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_memory::Dtype::Bf16)).unwrap();
     let fd = small.fd().try_clone_to_owned().unwrap();
     let r = conn.request(register_body(key, layout, layout.total_bytes()), T, vec![fd]).await;
     assert_eq!(kind(r), ErrorKind::LayoutMismatch);
 
     // A good registration, then a different layout for the same instance.
     let cache = HostKvCache::create("good", layout).unwrap();
-    let reg = |l: kvcoord_gpu::KvLayout| {
+    let reg = |l: kvcoord_memory::KvLayout| {
         let fd = cache.fd().try_clone_to_owned().unwrap();
         conn.request(register_body(key, l, l.total_bytes()), T, vec![fd])
     };
     assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false });
     assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: true }, "same layout: idempotent");
-    let other = kvcoord_gpu::KvLayout::mha(4, 256, 16, 4, 32, kvcoord_gpu::Dtype::Bf16);
+    let other = kvcoord_memory::KvLayout::mha(4, 256, 16, 4, 32, kvcoord_memory::Dtype::Bf16);
     assert_eq!(kind(reg(other).await), ErrorKind::LayoutMismatch);
 
     // Block id out of range, wrong block count, empty requests.

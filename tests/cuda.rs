@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use kvcoord::workload::prefix_hashes;
-use kvcoord_gpu::cuda::{driver_present, CudaDevice, DeviceKvCache};
-use kvcoord_gpu::{CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
+use kvcoord_memory::cuda::{driver_present, CudaDevice, DeviceKvCache};
+use kvcoord_memory::{CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
 use kvcoord_transport::*;
 
 const T: Duration = Duration::from_secs(30);

@@ -234,14 +234,14 @@ async fn a_reconnect_within_the_grace_period_keeps_the_registration() {
     let server = ServerProcess::start(dir.path(), &["--grace-ms", "2000"]);
     let conn = raw(&server).await;
     let layout = small_layout();
-    let cache = kvcoord_gpu::HostKvCache::create("keep", layout).unwrap();
+    let cache = kvcoord_memory::HostKvCache::create("keep", layout).unwrap();
     let key = InstanceKey { engine: 500, rank: 0 };
     let body = RequestBody::Register(RegisterKvCache {
         instance: key,
         model: "test-model".into(),
         world_size: 1,
         layout,
-        memory: kvcoord_gpu::MemoryHandle::HostFd { size: layout.total_bytes() },
+        memory: kvcoord_memory::MemoryHandle::HostFd { size: layout.total_bytes() },
     });
     let fd = || vec![cache.fd().try_clone_to_owned().unwrap()];
     conn.request(body.clone(), Duration::from_secs(5), fd()).await.unwrap();

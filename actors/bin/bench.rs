@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use kvcoord::client::{WorkerClient, WorkerConfig, WorkerHandle};
 use kvcoord::workload::{prefix_hashes, vllm_like_layout, TpWorker};
-use kvcoord_gpu::{Arena, Dtype, HostKvCache, HostMapping, KvLayout, MemoryHandle};
+use kvcoord_memory::{Arena, Dtype, HostKvCache, HostMapping, KvLayout, MemoryHandle};
 use kvcoord_transport::frame::DEFAULT_MAX_FRAME_BYTES;
 use kvcoord_transport::stream::{write_loop, OutFrame};
 use kvcoord_transport::*;
@@ -341,7 +341,7 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
                 .collect();
             let t = Instant::now();
             for (i, o) in objs.iter().enumerate() {
-                kvcoord_gpu::copy::gather(&layout, &mapping, ids.chunk(i), o).expect("gather");
+                kvcoord_memory::copy::gather(&layout, &mapping, ids.chunk(i), o).expect("gather");
             }
             gather += t.elapsed().as_secs_f64();
         }

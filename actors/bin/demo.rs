@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::workload::{prefix_hashes, TpWorker};
-use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey, StoreOutcome};
 
 use crate::child::{wait_listening, Server};

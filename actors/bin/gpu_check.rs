@@ -21,8 +21,8 @@ use futures::StreamExt;
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::gpu_workload::GpuTpWorker;
 use kvcoord::workload::{prefix_hashes, vllm_like_layout};
-use kvcoord_gpu::cuda::engine::{engine_baseline, pinned_dma_baseline, CopyMethod};
-use kvcoord_gpu::cuda::CudaDevice;
+use kvcoord_memory::cuda::engine::{engine_baseline, pinned_dma_baseline, CopyMethod};
+use kvcoord_memory::cuda::CudaDevice;
 use kvcoord_transport::{ChunkHash, InstanceKey, RetrieveOutcome, StoreOutcome};
 
 use crate::child::{wait_listening, Server};
@@ -141,7 +141,7 @@ pub fn run(args: GpuCheckArgs) -> ExitCode {
 }
 
 fn check(args: GpuCheckArgs) -> Result<bool, String> {
-    if !kvcoord_gpu::cuda::driver_present() {
+    if !kvcoord_memory::cuda::driver_present() {
         println!("skipped: no CUDA driver");
         return Ok(true);
     }
@@ -196,7 +196,7 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
     }
     drop(devices);
 
-    let dir = std::env::temp_dir().join(format!("kvcoord-gpu-check-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvcoord-memory-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let socket = dir.join("kv.sock");
     let log = dir.join("server.log");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use kvcoord::client::{WorkerClient, WorkerConfig};
 use kvcoord::workload::{prefix_hashes, TpWorker};
-use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey};
 
 #[derive(clap::Args)]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use kvcoord_gpu::{BlockShape, KvLayout};
+use kvcoord_memory::{BlockShape, KvLayout};
 use kvcoord_transport::{ConnectOptions, Connection, Endpoint, ReplyBody, RequestBody, StatusReport};
 
 #[derive(clap::Args)]

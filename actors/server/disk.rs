@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvcoord_gpu::ObjectBytes;
+use kvcoord_memory::ObjectBytes;
 use kvcoord_transport::ChunkHash;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};

@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kvcoord_gpu::cuda::engine::chunk_segments;
-use kvcoord_gpu::cuda::ipc::IpcOpenError;
-use kvcoord_gpu::cuda::{CopyDirection, CopyEngine, CopyMethod, CudaDevice, IpcKvMemory, Segment};
-use kvcoord_gpu::host::HostMemoryError;
-use kvcoord_gpu::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
+use kvcoord_memory::cuda::engine::chunk_segments;
+use kvcoord_memory::cuda::ipc::IpcOpenError;
+use kvcoord_memory::cuda::{CopyDirection, CopyEngine, CopyMethod, CudaDevice, IpcKvMemory, Segment};
+use kvcoord_memory::host::HostMemoryError;
+use kvcoord_memory::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
 use super::disk::{Buffer, DiskTier};
@@ -303,7 +303,7 @@ fn gather_on_device(
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (tickets, mut outcomes) = (job.tickets, job.outcomes);
-    let done = move |r: Result<(), kvcoord_gpu::cuda::CudaError>| {
+    let done = move |r: Result<(), kvcoord_memory::cuda::CudaError>| {
         let _hold = mem;
         let result = r.map_err(internal).map(|_| {
             let mut bytes = 0;
@@ -432,7 +432,7 @@ fn scatter_on_device(
         held.push(source);
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let done = move |r: Result<(), kvcoord_gpu::cuda::CudaError>| {
+    let done = move |r: Result<(), kvcoord_memory::cuda::CudaError>| {
         let _hold = mem;
         let result = r.map_err(internal).map(|_| {
             for source in held {

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use kvcoord_gpu::{ChunkBlocks, KvLayout};
+use kvcoord_memory::{ChunkBlocks, KvLayout};
 use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use kvcoord_gpu::cuda::{CopyEngine, CopyMethod, CudaDevice, PinnedSlabs};
-use kvcoord_gpu::Arena;
+use kvcoord_memory::cuda::{CopyEngine, CopyMethod, CudaDevice, PinnedSlabs};
+use kvcoord_memory::Arena;
 use kvcoord_transport::stream::write_loop;
 use kvcoord_transport::{
     handshake, Endpoint, ErrorKind, Limits, Listener, ServerEpoch, ServerFrame, ServerStats, Welcome, WireError,
@@ -85,7 +85,7 @@ fn pick_backend(choice: BackendChoice, streams: usize, method: CopyMethod) -> Re
     let host = || Backend { name: "host", devices: Vec::new() };
     // `driver_present` is the only CUDA call made before we know libcuda
     // exists: cudarc panics on any other call without it.
-    let driver = kvcoord_gpu::cuda::driver_present();
+    let driver = kvcoord_memory::cuda::driver_present();
     let backend = match choice {
         BackendChoice::Host => host(),
         BackendChoice::Auto if !driver => {

@@ -6,8 +6,8 @@
 //! This module is one pure decision over the supervisor's lanes; it must
 //! never start, stop or message an actor.
 
-use kvcoord_gpu::cuda::device::format_uuid;
-use kvcoord_gpu::MemoryHandle;
+use kvcoord_memory::cuda::device::format_uuid;
+use kvcoord_memory::MemoryHandle;
 use kvcoord_transport::{ErrorKind, WireError};
 
 /// What a lane copies for.
@@ -47,7 +47,7 @@ pub fn route(lanes: &[LaneKind], memory: &MemoryHandle, turn: &mut usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvcoord_gpu::CudaIpcLayer;
+    use kvcoord_memory::CudaIpcLayer;
 
     fn ipc(uuid: u8) -> MemoryHandle {
         let layer = CudaIpcLayer { handle: vec![0; 64], offset: 0, size: 1 };

@@ -68,7 +68,7 @@ pub struct ServerShared {
     pub config: ServerConfig,
     pub backend: &'static str,
     /// The CUDA devices served (empty on the host backend), one GPU worker each.
-    pub devices: Vec<Arc<kvcoord_gpu::cuda::CudaDevice>>,
+    pub devices: Vec<Arc<kvcoord_memory::cuda::CudaDevice>>,
     pub l1: Arc<L1Store>,
     pub routes: DashMap<InstanceKey, InstanceRoute>,
     pub counters: Counters,

@@ -24,8 +24,8 @@ use kvcoord_transport::{
     WireError,
 };
 
-use kvcoord_gpu::cuda::CudaDevice;
-use kvcoord_gpu::MemoryHandle;
+use kvcoord_memory::cuda::CudaDevice;
+use kvcoord_memory::MemoryHandle;
 
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
 use super::instance::{CrashInstance, InstanceActor, Retire};
@@ -50,7 +50,7 @@ struct InstanceEntry {
     lane: usize,
     model_name: String,
     world_size: u32,
-    layout: kvcoord_gpu::KvLayout,
+    layout: kvcoord_memory::KvLayout,
     identity: MemoryIdentity,
     last_seen: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -193,11 +193,11 @@ fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireErro
     }
     r.layout.validate().map_err(|e| invalid(e.to_string()))?;
     let per_chunk = r.layout.blocks_per_chunk(chunk_tokens).map_err(|e| invalid(e.to_string()))?;
-    if r.layout.chunk_object_bytes(per_chunk) > kvcoord_gpu::arena::MAX_SLAB_BYTES {
+    if r.layout.chunk_object_bytes(per_chunk) > kvcoord_memory::arena::MAX_SLAB_BYTES {
         return Err(invalid("one chunk of this layout would be 4 GiB or more; use smaller chunks"));
     }
     match &r.memory {
-        kvcoord_gpu::MemoryHandle::HostFd { size } if *size != r.layout.total_bytes() => Err(WireError::new(
+        kvcoord_memory::MemoryHandle::HostFd { size } if *size != r.layout.total_bytes() => Err(WireError::new(
             ErrorKind::LayoutMismatch,
             format!("memory of {size} bytes does not match the layout's {} bytes", r.layout.total_bytes()),
         )),

@@ -1,5 +1,6 @@
-//! kvcoord-gpu: KV-cache layouts, memory handles, the host (shared-memory)
-//! backend, the L1 arena and the copy engines.
+//! kvcoord-memory (directory `gpu/`): every kind of KV-cache memory the
+//! coordinator touches. Layouts, memory handles, the host (memfd) backend, the
+//! CUDA backend, the L1 arena and the copy engines.
 //!
 //! Nothing here knows about the wire, actors or clients: these are the typed
 //! building blocks that the coordinator's GPU-worker and instance actors use.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvcoord::client::{WorkerClient, WorkerConfig, WorkerHandle};
 use kvcoord::workload::TpWorker;
-use kvcoord_gpu::{Dtype, KvLayout};
+use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{ConnectOptions, Connection, Endpoint, InstanceKey};
 
 /// A coordinator process on a private socket.

@@ -5,7 +5,7 @@
 //! This module owns the message types only. It must never do I/O (that is
 //! `stream.rs`) nor encode bytes (that is `frame.rs`).
 
-use kvcoord_gpu::{KvLayout, MemoryHandle};
+use kvcoord_memory::{KvLayout, MemoryHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk_hash::ChunkHash;

@@ -1,6 +1,6 @@
 //! Every message type survives encode -> frame -> decode unchanged.
 
-use kvcoord_gpu::{BlockShape, CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
+use kvcoord_memory::{BlockShape, CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
 use kvcoord_transport::frame::{self, HEADER_BYTES};
 use kvcoord_transport::*;
 use proptest::prelude::*;
