@@ -1,18 +1,18 @@
 //! kvcoord: a KV-cache coordinator for LLM inference, as an actix actor
 //! system.
 //!
-//! - [`server`]: the coordinator (supervisor, instance, GPU-worker and
-//!   session actors, the L1 store). Start it with [`server::Coordinator::start`]
-//!   inside an actix `System`, or run the `kvcoord serve` binary.
-//! - [`client`]: the worker-client actor that a TP worker uses to register,
-//!   store, look up and retrieve, and that re-registers by itself after a
-//!   server restart.
+//! - [`server`]: the coordinator (supervisor, instance, copy-lane and
+//!   session actors, the L1 store, tiers). Start it with
+//!   [`server::Coordinator::start`] inside an actix `System`, or run the
+//!   `kvcoord serve` binary ([`serve`] is that command).
+//! - [`client`]: the client for actor-system hosts, an actix actor over the
+//!   tokio client core of the `kvcoord-client` crate.
+//! - [`config`]: the server's configuration.
 
 pub mod client;
 pub mod config;
-pub mod gpu_workload;
+pub mod serve;
 pub mod server;
-pub mod workload;
 
 pub use config::ServerConfig;
 pub use server::Coordinator;

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use kvcoord::client::{WorkerClient, WorkerConfig};
-use kvcoord::workload::{prefix_hashes, TpWorker};
+use kvcoord::client::{Client, ClientConfig, WorkerClient};
 use kvcoord::{Coordinator, ServerConfig};
+use kvcoord_harness::{prefix_hashes, TpWorker};
 use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::InstanceKey;
 
@@ -29,17 +29,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("admin API at http://{admin}/status and /metrics");
         }
 
-        let client = WorkerClient::start(WorkerConfig::new(endpoint));
+        // The client as an actor of this system; the worker uses its API,
+        // and the actor (so the connection) lives as long as `client`.
+        let client = WorkerClient::start(ClientConfig::new(endpoint));
         let layout = KvLayout::mha(8, 128, 16, 8, 64, Dtype::Bf16);
         let key = InstanceKey { engine: 42, rank: 0 };
-        let mut worker = TpWorker::register(client, key, "embedded-model", 1, layout, 256).await?;
+        let mut worker = TpWorker::register(Client::clone(&client), key, "embedded-model", 1, layout, 256).await?;
 
         let prompt = prefix_hashes("embedded-model", 42, 0, 4, 256);
         let (blocks, stored) = worker.store_prefix(&prompt).await?;
         println!("stored 4 chunks: {stored:?}");
         let found = worker.client.lookup(key, prompt.clone(), true).await;
         println!("lookup: {} of 4 chunks held", found.chunks);
-        let (result, verified) = worker.retrieve_and_verify(&prompt, &blocks, found.lease).await;
+        let (result, verified) = worker.retrieve_and_verify(&prompt, &blocks, found.lease).await.unwrap();
         println!(
             "retrieved {} chunks into other blocks: {} bytes verified, {} corrupt",
             result.prefix_retrieved(),

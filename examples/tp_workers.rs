@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvcoord::client::{WorkerClient, WorkerConfig};
-use kvcoord::workload::{prefix_hashes, TpWorker};
 use kvcoord::{Coordinator, ServerConfig};
+use kvcoord_client::{Client, ClientConfig};
+use kvcoord_harness::{prefix_hashes, TpWorker};
 use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey};
 
@@ -34,7 +34,7 @@ fn layout() -> KvLayout {
 /// One TP worker process: prints `verified <bytes> corrupt <n> hits <n>`.
 fn worker(socket: PathBuf, engine: u64, rank: u32, world: u32, prompts: u64) -> i32 {
     actix_rt::System::new().block_on(async move {
-        let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket)));
+        let client = Client::start(ClientConfig::new(Endpoint::Unix(socket)));
         let key = InstanceKey { engine, rank };
         let mut w = match TpWorker::register(client, key, "tp-model", world, layout(), 256).await {
             Ok(w) => w,
@@ -68,7 +68,7 @@ fn worker(socket: PathBuf, engine: u64, rank: u32, world: u32, prompts: u64) -> 
                 found = w.client.lookup(key, hashes.clone(), true).await;
             }
             hits += found.chunks as u64;
-            let (_, v) = w.retrieve_and_verify(&hashes[..found.chunks as usize], avoid, found.lease).await;
+            let (_, v) = w.retrieve_and_verify(&hashes[..found.chunks as usize], avoid, found.lease).await.unwrap();
             verified += v.bytes_verified;
             corrupt += v.corrupt_chunks as u64;
         }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use kvcoord::workload::prefix_hashes;
+use kvcoord_harness::prefix_hashes;
 use kvcoord_transport::{ReplyBody, RequestBody, StatusReport};
 
 /// A minimal HTTP/1.1 request; returns (status code, body).
@@ -61,7 +61,7 @@ async fn metrics_parse_as_prometheus_text_and_move_after_real_requests() {
     let h = prefix_hashes("test-model", 1, 0, 2, 256);
     let (blocks, _) = w.store_prefix(&h).await.unwrap();
     let found = w.client.lookup(w.key, h.clone(), true).await;
-    w.retrieve_and_verify(&h, &blocks, found.lease).await;
+    w.retrieve_and_verify(&h, &blocks, found.lease).await.unwrap();
     let (_, after) = http(&admin, "GET", "/metrics", &[]);
     assert!(after.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
     let after = samples(&after);

@@ -1,4 +1,4 @@
-//! `kvcoord bench --quick` runs every scenario end to end and prints each
+//! `kvcoord-harness bench --quick` runs every scenario end to end and prints each
 //! beside its baseline and ratio. This asserts what is printed, never how
 //! fast: speed is the benchmark's business, not a test's.
 
@@ -6,7 +6,7 @@
 fn bench_quick_prints_every_scenario_beside_its_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord-harness"))
         .args(["bench", "--quick", "--json"])
         .arg(&json)
         .output()

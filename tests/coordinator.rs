@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kvcoord::workload::prefix_hashes;
+use kvcoord_harness::prefix_hashes;
 use kvcoord_memory::{HostKvCache, MemoryHandle};
 use kvcoord_transport::frame;
 use kvcoord_transport::*;
@@ -26,7 +26,7 @@ async fn tp1_store_then_retrieve_into_other_blocks_is_bit_exact() {
         assert_eq!(outcomes, vec![StoreOutcome::Stored; 3]);
         let found = w.client.lookup(w.key, hashes.clone(), true).await;
         assert_eq!(found.chunks, 3);
-        let (r, v) = w.retrieve_and_verify(&hashes, &blocks, found.lease).await;
+        let (r, v) = w.retrieve_and_verify(&hashes, &blocks, found.lease).await.unwrap();
         assert_eq!(r.outcomes, vec![RetrieveOutcome::Retrieved; 3]);
         assert_eq!((v.chunks_retrieved, v.corrupt_chunks), (3, 0));
         assert_eq!(v.bytes_verified, 3 << 20);
@@ -54,7 +54,7 @@ async fn tp4_store_then_retrieve_is_bit_exact_on_every_rank() {
         ws.iter_mut().zip(&placed).map(|(w, a)| w.retrieve_and_verify(&hashes, a, found.lease)),
     )
     .await;
-    for (r, v) in got {
+    for (r, v) in got.into_iter().map(Result::unwrap) {
         assert_eq!(r.prefix_retrieved(), 4);
         assert_eq!((v.chunks_retrieved, v.corrupt_chunks), (4, 0));
     }
@@ -97,11 +97,11 @@ async fn eviction_under_a_small_l1_never_evicts_a_leased_chunk_nor_serves_other_
     assert!(stats.evictions >= 10, "evictions: {}", stats.evictions);
     assert!(stats.l1_used <= 8 << 20);
     assert_eq!(w.client.lookup(w.key, leased.clone(), false).await.chunks, 3, "leased chunks survived");
-    let (r, v) = w.retrieve_and_verify(&leased, &leased_blocks, lease.lease).await;
+    let (r, v) = w.retrieve_and_verify(&leased, &leased_blocks, lease.lease).await.unwrap();
     assert_eq!((r.prefix_retrieved(), v.corrupt_chunks), (3, 0));
     for p in 1..=6 {
         let h = prefix_hashes("test-model", 5, p, 3, 256);
-        let (r, v) = w.retrieve_and_verify(&h, &[], None).await;
+        let (r, v) = w.retrieve_and_verify(&h, &[], None).await.unwrap();
         let got = r.outcomes.iter().filter(|o| **o == RetrieveOutcome::Retrieved).count();
         assert_eq!(v.corrupt_chunks, 0, "prompt {p}: {got} chunks retrieved, none may hold other bytes");
     }
@@ -151,7 +151,8 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
 
     // Memory smaller than the layout.
     let small =
-        HostKvCache::create("small", kvcoord_memory::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_memory::Dtype::Bf16)).unwrap();
+        HostKvCache::create("small", kvcoord_memory::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_memory::Dtype::Bf16))
+            .unwrap();
     let fd = small.fd().try_clone_to_owned().unwrap();
     let r = conn.request(register_body(key, layout, layout.total_bytes()), T, vec![fd]).await;
     assert_eq!(kind(r), ErrorKind::LayoutMismatch);

@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kvcoord::workload::prefix_hashes;
+use kvcoord_harness::prefix_hashes;
 use kvcoord_memory::cuda::{driver_present, CudaDevice, DeviceKvCache};
 use kvcoord_memory::{CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
 use kvcoord_transport::*;

@@ -6,18 +6,18 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kvcoord::client::WorkerHandle;
-use kvcoord::workload::prefix_hashes;
+use kvcoord::client::Client;
+use kvcoord_harness::prefix_hashes;
 use kvcoord_transport::*;
 
 /// Stats once the client has found the restarted server (its first request
 /// may fail fast on the connection the restart broke).
-async fn stats_after_restart(client: &WorkerHandle) -> ServerStats {
+async fn stats_after_restart(client: &Client) -> ServerStats {
     assert!(eventually(Duration::from_secs(10), async || client.reregistrations() >= 1).await);
     client.stats().await.unwrap()
 }
 
-async fn flushed(client: &WorkerHandle, objects: u64) -> bool {
+async fn flushed(client: &Client, objects: u64) -> bool {
     eventually(Duration::from_secs(20), async || {
         client.stats().await.is_ok_and(|s| s.disk_objects >= objects && s.disk_backlog == 0)
     })
@@ -47,7 +47,7 @@ async fn a_restarted_server_comes_back_warm_from_its_disk_tier() {
     }
     assert!(found >= 19, "lookup finds {found} of 20 chunks after the restart");
     for h in &prompts {
-        let (r, v) = w.retrieve_and_verify(h, &[], None).await;
+        let (r, v) = w.retrieve_and_verify(h, &[], None).await.unwrap();
         assert_eq!((r.prefix_retrieved(), v.corrupt_chunks), (2, 0), "identical bytes from disk");
     }
     let stats = w.client.stats().await.unwrap();
@@ -100,7 +100,7 @@ async fn torn_and_flipped_objects_on_disk_are_reported_and_never_served() {
 
     let (mut served, mut missing) = (0, 0);
     for h in &prompts {
-        let (r, v) = w.retrieve_and_verify(h, &[], None).await;
+        let (r, v) = w.retrieve_and_verify(h, &[], None).await.unwrap();
         assert_eq!(v.corrupt_chunks, 0, "a corrupt object is never returned");
         match r.outcomes[0] {
             RetrieveOutcome::Retrieved => served += 1,
@@ -181,7 +181,7 @@ async fn a_full_disk_is_counted_and_logged_and_stores_go_on_in_l1() {
     assert!(stats.disk_write_errors >= 3, "{stats:?}");
     assert!(stats.disk_writes >= 1);
     for h in &prompts {
-        let (r, v) = w.retrieve_and_verify(h, &[], None).await;
+        let (r, v) = w.retrieve_and_verify(h, &[], None).await.unwrap();
         assert_eq!((r.prefix_retrieved(), v.corrupt_chunks), (1, 0), "L1 still serves everything");
     }
     let leftovers = std::fs::read_dir(&disk)

@@ -1,10 +1,8 @@
-//! The client side: what a TP worker embeds to talk to a coordinator.
-//!
-//! [`WorkerClient`] is an actor (one per TP worker) on top of a reconnecting
-//! connection; [`WorkerHandle`] is its typed async API.
+//! The client side for actor-system hosts: [`WorkerClient`], an actix actor
+//! over the tokio client core of the `kvcoord-client` crate (re-exported
+//! here), which holds all client behaviour.
 
-mod registrations;
 mod worker;
 
-pub use registrations::Registration;
-pub use worker::{LookupResult, RetrieveResult, WorkerClient, WorkerConfig, WorkerHandle};
+pub use kvcoord_client::{BlockingClient, Client, ClientConfig, LookupResult, Pending, Registration, RetrieveResult};
+pub use worker::{Call, WorkerClient, WorkerHandle};

@@ -5,10 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kvcoord::client::{WorkerClient, WorkerConfig, WorkerHandle};
-use kvcoord::workload::TpWorker;
+use kvcoord::client::{Client, ClientConfig, WorkerClient, WorkerHandle};
+use kvcoord_harness::TpWorker;
 use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{ConnectOptions, Connection, Endpoint, InstanceKey};
+
+/// The binary whose `serve` command the tests start: `kvcoord` for this
+/// package's tests, `kvcoord-harness` (the same `serve` code) for the tests
+/// that belong to the harness package.
+pub fn server_binary() -> &'static str {
+    option_env!("CARGO_BIN_EXE_kvcoord")
+        .or(option_env!("CARGO_BIN_EXE_kvcoord-harness"))
+        .expect("tests run under cargo, which names the binaries")
+}
 
 /// A coordinator process on a private socket.
 pub struct ServerProcess {
@@ -32,7 +41,7 @@ impl ServerProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "kill the old server first");
         let stderr = if std::env::var_os("KVCOORD_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() };
-        let child = Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        let child = Command::new(server_binary())
             .args(["serve", "--socket"])
             .arg(&self.socket)
             .args(&self.args)
@@ -93,17 +102,26 @@ pub fn small_layout() -> KvLayout {
     KvLayout::mha(4, 256, 16, 4, 64, Dtype::Bf16)
 }
 
+/// A client through the actix adapter (what actor-system hosts use).
 pub fn client(endpoint: Endpoint) -> WorkerHandle {
-    let mut cfg = WorkerConfig::new(endpoint);
+    let mut cfg = ClientConfig::new(endpoint);
     cfg.request_timeout = Duration::from_secs(5);
     cfg.register_timeout = Duration::from_secs(30);
     WorkerClient::start(cfg)
 }
 
+/// The tokio client core (what engines and the Python binding use).
+pub fn core_client(endpoint: Endpoint) -> Client {
+    let mut cfg = ClientConfig::new(endpoint);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.register_timeout = Duration::from_secs(30);
+    Client::start(cfg)
+}
+
 /// A registered TP worker with its own client.
 pub async fn worker(server: &ServerProcess, engine: u64, rank: u32, world: u32) -> TpWorker {
     let key = InstanceKey { engine, rank };
-    TpWorker::register(client(server.endpoint()), key, "test-model", world, small_layout(), 256)
+    TpWorker::register(core_client(server.endpoint()), key, "test-model", world, small_layout(), 256)
         .await
         .expect("register")
 }

@@ -34,7 +34,7 @@ struct Registered {
     generation: u64,
 }
 
-pub(crate) struct Registrations {
+pub struct Registrations {
     all: parking_lot::Mutex<BTreeMap<InstanceKey, Arc<Registration>>>,
     state: parking_lot::Mutex<Registered>,
     /// Serialises registration rounds.

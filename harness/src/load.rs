@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use kvcoord::client::{WorkerClient, WorkerConfig};
-use kvcoord::workload::{prefix_hashes, TpWorker};
+use crate::pattern::prefix_hashes;
+use crate::tp_worker::TpWorker;
+use kvcoord_client::{Client, ClientConfig};
 use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey};
 
@@ -27,7 +28,7 @@ pub struct LoadArgs {
 
 pub fn run(args: LoadArgs) -> ExitCode {
     actix_rt::System::new().block_on(async move {
-        let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(args.socket)));
+        let client = Client::start(ClientConfig::new(Endpoint::Unix(args.socket)));
         let key = InstanceKey { engine: args.engine, rank: args.rank };
         let layout = KvLayout::mha(4, 128, 16, 4, 64, Dtype::Bf16);
         let mut w = match TpWorker::register(client, key, "load-model", args.world_size, layout, 256).await {

@@ -22,8 +22,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcoord::client::{WorkerClient, WorkerConfig, WorkerHandle};
-use kvcoord::workload::{prefix_hashes, vllm_like_layout, TpWorker};
+use crate::pattern::{prefix_hashes, vllm_like_layout};
+use crate::tp_worker::TpWorker;
+use kvcoord_client::{Client, ClientConfig};
 use kvcoord_memory::{Arena, Dtype, HostKvCache, HostMapping, KvLayout, MemoryHandle};
 use kvcoord_transport::frame::DEFAULT_MAX_FRAME_BYTES;
 use kvcoord_transport::stream::{write_loop, OutFrame};
@@ -161,7 +162,7 @@ fn tiny_layout() -> KvLayout {
     KvLayout::mla(1, 4096, 256, 1, Dtype::Fp8)
 }
 
-async fn register_tiny(client: &WorkerHandle, key: InstanceKey, world: u32) -> HostKvCache {
+async fn register_tiny(client: &Client, key: InstanceKey, world: u32) -> HostKvCache {
     let layout = tiny_layout();
     let cache = HostKvCache::create("bench", layout).expect("memfd");
     let request = RegisterKvCache {
@@ -182,7 +183,7 @@ fn lookup_body(engine: u64, chunks: Vec<ChunkHash>) -> RequestBody {
 /// `kvcoord lookup-load`: prints how many pipelined lookups it completed.
 pub fn lookup_load(args: LookupLoadArgs) -> ExitCode {
     actix_rt::System::new().block_on(async move {
-        let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(args.socket.clone())));
+        let client = Client::start(ClientConfig::new(Endpoint::Unix(args.socket.clone())));
         let _cache = if args.register {
             Some(register_tiny(&client, InstanceKey { engine: args.engine, rank: 0 }, 1).await)
         } else {
@@ -233,7 +234,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
 
 async fn control_plane(plan: &Plan, socket: &Path, echo: &Path, rows: &mut Vec<Row>) {
     let (kv, ec) = (connect(socket).await, connect(echo).await);
-    let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.to_path_buf())));
+    let client = Client::start(ClientConfig::new(Endpoint::Unix(socket.to_path_buf())));
     let _cache = register_tiny(&client, InstanceKey { engine: 1, rank: 0 }, 1).await;
     let lookup = lookup_body(1, prefix_hashes("bench-model", 1, 0, 64, 256));
     for (name, body) in [("ping", RequestBody::Ping), ("lookup 64 chunks", lookup.clone())] {
@@ -280,7 +281,7 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
     let layout = vllm_like_layout(512);
     let mut ws = Vec::new();
     for rank in 0..ranks {
-        let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.to_path_buf())));
+        let client = Client::start(ClientConfig::new(Endpoint::Unix(socket.to_path_buf())));
         let key = InstanceKey { engine, rank };
         ws.push(TpWorker::register(client, key, "bench-model", ranks, layout, 256).await.expect("register"));
     }
@@ -295,7 +296,7 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
             .iter_mut()
             .map(|w| {
                 let b = w.pick_blocks(chunks, &[]);
-                w.write_chunks(&h, &b);
+                w.write_chunks(&h, &b).expect("write");
                 b
             })
             .collect();
@@ -317,7 +318,7 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
             .zip(&placed)
             .map(|(w, avoid)| {
                 let b = w.pick_blocks(chunks, avoid);
-                w.scribble(&b);
+                w.scribble(&b).expect("scribble");
                 b
             })
             .collect();
@@ -328,13 +329,14 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
         .await;
         retrieve += t.elapsed().as_secs_f64();
         for ((w, b), g) in ws.iter_mut().zip(&others).zip(&got) {
-            let v = w.verify_chunks(&h, b, g.prefix_retrieved());
+            let v = w.verify_chunks(&h, b, g.prefix_retrieved()).expect("verify");
             corrupt += v.corrupt_chunks + chunks - g.prefix_retrieved();
             bytes += v.bytes_verified;
         }
         // The same gathers in-process, no coordinator.
         for (w, b) in ws.iter().zip(&placed) {
-            let mapping = HostMapping::open(w.cache.fd().try_clone_to_owned().expect("dup"), &layout).expect("map");
+            let mapping =
+                HostMapping::open(w.blocks.cache.fd().try_clone_to_owned().expect("dup"), &layout).expect("map");
             let ids = layout.chunk_blocks(256, chunks, b).expect("valid");
             let objs: Vec<_> = (0..chunks)
                 .map(|_| arena.allocate(layout.chunk_object_bytes(16)).expect("arena").expect("room"))
@@ -397,7 +399,7 @@ async fn data_plane(plan: &Plan, socket: &Path, ranks: u32, engine: u64, cold_l1
 async fn recovery(plan: &Plan, server: &mut Server, socket: &Path, log: &Path, rows: &mut Vec<Row>) -> bool {
     let mut ws = Vec::new();
     for e in 0..8u64 {
-        let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.to_path_buf())));
+        let client = Client::start(ClientConfig::new(Endpoint::Unix(socket.to_path_buf())));
         let key = InstanceKey { engine: 5000 + e, rank: 0 };
         let cache = register_tiny(&client, key, 1).await;
         ws.push((client, key, cache));
@@ -495,7 +497,7 @@ async fn index_scale(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
     if !wait_listening(&socket, Duration::from_secs(10)) {
         return false;
     }
-    let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.clone())));
+    let client = Client::start(ClientConfig::new(Endpoint::Unix(socket.clone())));
     let key = InstanceKey { engine: 77, rank: 0 };
     let _cache = register_tiny(&client, key, 1).await;
     let before = rss_bytes(server.pid());
@@ -561,7 +563,7 @@ async fn disk_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
     if !wait_listening(&socket, Duration::from_secs(10)) {
         return false;
     }
-    let client = WorkerClient::start(WorkerConfig::new(Endpoint::Unix(socket.clone())));
+    let client = Client::start(ClientConfig::new(Endpoint::Unix(socket.clone())));
     let key = InstanceKey { engine: 31, rank: 0 };
     let mut w = TpWorker::register(client, key, "bench-model", 1, vllm_like_layout(512), 256).await.expect("register");
     let rounds = plan.timed_rounds.max(2);
@@ -592,11 +594,11 @@ async fn disk_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> bool {
             hits += found.chunks as u64;
             asked += h.len() as u64;
             let blocks = w.pick_blocks(h.len(), &[]);
-            w.scribble(&blocks);
+            w.scribble(&blocks).expect("scribble");
             let t = Instant::now();
             let got = w.client.retrieve(w.key, h.clone(), blocks.clone(), None).await;
             secs += t.elapsed().as_secs_f64();
-            let v = w.verify_chunks(h, &blocks, got.prefix_retrieved());
+            let v = w.verify_chunks(h, &blocks, got.prefix_retrieved()).expect("verify");
             if v.corrupt_chunks > 0 {
                 return None;
             }

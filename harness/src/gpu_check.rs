@@ -17,11 +17,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::gpu_baselines::{engine_baseline, pinned_dma_baseline};
+use crate::gpu_blocks::GpuBlocks;
+use crate::pattern::{prefix_hashes, vllm_like_layout};
+use crate::tp_worker::TpWorker;
 use futures::StreamExt;
-use kvcoord::client::{WorkerClient, WorkerConfig};
-use kvcoord::gpu_workload::GpuTpWorker;
-use kvcoord::workload::{prefix_hashes, vllm_like_layout};
-use kvcoord_memory::cuda::engine::{engine_baseline, pinned_dma_baseline, CopyMethod};
+use kvcoord_client::{Client, ClientConfig};
+use kvcoord_memory::cuda::CopyMethod;
 use kvcoord_memory::cuda::CudaDevice;
 use kvcoord_transport::{ChunkHash, InstanceKey, RetrieveOutcome, StoreOutcome};
 
@@ -376,8 +378,10 @@ async fn worker_phases(args: GpuWorkerArgs) -> Result<(), String> {
     let key = InstanceKey { engine: args.engine, rank: args.rank };
     let chunks = args.chunks as usize;
     let layout = vllm_like_layout(((2 * chunks + 8) * 16) as u32);
-    let client = WorkerClient::start(WorkerConfig::new(kvcoord_transport::Endpoint::Unix(args.socket.clone())));
-    let mut w = GpuTpWorker::register(client, device, key, (MODEL, args.world_size), layout, CHUNK_TOKENS, chunks)
+    let client = Client::start(ClientConfig::new(kvcoord_transport::Endpoint::Unix(args.socket.clone())));
+    let staging_bytes = layout.chunk_object_bytes(16) as usize * chunks;
+    let blocks = GpuBlocks::allocate(device, layout, staging_bytes).map_err(|e| e.to_string())?;
+    let mut w = TpWorker::register_blocks(client, blocks, key, (MODEL, args.world_size), CHUNK_TOKENS)
         .await
         .map_err(|e| format!("register: {e}"))?;
     let bytes_per_chunk = layout.chunk_object_bytes(16);
@@ -385,13 +389,13 @@ async fn worker_phases(args: GpuWorkerArgs) -> Result<(), String> {
     // Warm up (kernel JIT, first launches) on a prompt of its own.
     let warm = prefix_hashes(MODEL, args.engine, 1 << 40, 2, CHUNK_TOKENS);
     let (warm_blocks, _) = w.store_prefix(&warm).await.map_err(|e| format!("warm-up store: {e}"))?;
-    w.retrieve_and_verify(&warm, &warm_blocks).await.map_err(|e| e.to_string())?;
+    w.retrieve_and_verify(&warm, &warm_blocks, None).await.map_err(|e| e.to_string())?;
 
     // The timed prompt's data is in the KV cache before the clock starts.
     let hashes = prefix_hashes(MODEL, args.engine, 0, chunks, CHUNK_TOKENS);
     let blocks = w.pick_blocks(chunks, &warm_blocks);
     w.write_chunks(&hashes, &blocks).map_err(|e| e.to_string())?;
-    w.cache.synchronize().map_err(|e| e.to_string())?;
+    w.blocks.cache.synchronize().map_err(|e| e.to_string())?;
     println!("ready");
 
     let mut w = Rc::new(w);
@@ -429,7 +433,8 @@ async fn worker_phases(args: GpuWorkerArgs) -> Result<(), String> {
         });
         let (results, start, end) = timed(retrieves.collect(), args.inflight).await;
         let failed = results.iter().filter(|r| r.error.is_some() || r.outcomes != [RetrieveOutcome::Retrieved]).count();
-        let v = w.verify_chunks(&hashes, &targets, chunks).map_err(|e| e.to_string())?;
+        let v = Rc::get_mut(&mut w).ok_or("worker still shared")?.verify_chunks(&hashes, &targets, chunks);
+        let v = v.map_err(|e| e.to_string())?;
         println!(
             "retrieved bytes {} start {start:.6} end {end:.6} failed {failed} verified {} corrupt {}",
             bytes_per_chunk * chunks as u64,
@@ -460,7 +465,7 @@ async fn worker_phases(args: GpuWorkerArgs) -> Result<(), String> {
         }
     };
     let first_store_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (r, v) = w.retrieve_and_verify(&again, &stored).await.map_err(|e| e.to_string())?;
+    let (r, v) = w.retrieve_and_verify(&again, &stored, None).await.map_err(|e| e.to_string())?;
     if let Some(e) = r.error {
         return Err(format!("retrieve after restart: {e}"));
     }

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use kvcoord::client::{WorkerClient, WorkerConfig};
-use kvcoord::workload::{prefix_hashes, TpWorker};
+use crate::pattern::prefix_hashes;
+use crate::tp_worker::TpWorker;
+use kvcoord_client::{Client, ClientConfig};
 use kvcoord_memory::{Dtype, KvLayout};
 use kvcoord_transport::{Endpoint, InstanceKey, StoreOutcome};
 
@@ -77,7 +78,7 @@ async fn round(workers: &mut [TpWorker], hashes: &[kvcoord_transport::ChunkHash]
             workers.iter_mut().zip(&placed).map(|(w, avoid)| w.retrieve_and_verify(&hashes[..n], avoid, lease)),
         )
         .await;
-        for (r, v) in retrieves {
+        for (r, v) in retrieves.into_iter().map(|r| r.expect("the worker reads its own blocks")) {
             if r.error.is_none() && v.chunks_retrieved == n {
                 t.retrieves_ok += 1;
             } else {
@@ -121,9 +122,9 @@ async fn demo(args: DemoArgs, dir: PathBuf) -> ExitCode {
     let engine = rand::random::<u64>();
     let mut workers = Vec::new();
     for rank in 0..args.workers {
-        let mut cfg = WorkerConfig::new(Endpoint::Unix(socket.clone()));
+        let mut cfg = ClientConfig::new(Endpoint::Unix(socket.clone()));
         cfg.request_timeout = Duration::from_secs(5);
-        let client = WorkerClient::start(cfg);
+        let client = Client::start(cfg);
         match TpWorker::register(client, InstanceKey { engine, rank }, "demo-model", args.workers, layout, 256).await {
             Ok(w) => workers.push(w),
             Err(e) => return fail(&format!("rank {rank} could not register: {e}")),

@@ -1,0 +1,173 @@
+//! The `serve` command as a library function, so the `kvcoord` binary and
+//! anything that must start a real coordinator process (the harness) run the
+//! same code: flags, then `KVCOORD_*` environment variables, then the TOML
+//! file, then defaults -> a validated [`ServerConfig`] -> a coordinator that
+//! runs until SIGTERM or SIGINT.
+//!
+//! It must never hold coordinator logic: that is `server`.
+
+use std::path::PathBuf;
+
+use crate::config::{BackendChoice, LogFormat, ServerConfig};
+use crate::Coordinator;
+
+/// `kvcoord serve` options. Precedence: flag, then `KVCOORD_*` environment
+/// variable, then the TOML file, then the default.
+#[derive(clap::Args, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as in `--print-config`).
+    #[arg(long, env = "KVCOORD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unix socket path.
+    #[arg(long, env = "KVCOORD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen on this TCP address (host:port).
+    #[arg(long, env = "KVCOORD_TCP")]
+    tcp: Option<String>,
+    /// L1 capacity, e.g. `4GiB`.
+    #[arg(long, env = "KVCOORD_L1_SIZE")]
+    l1_size: Option<bytesize::ByteSize>,
+    /// Take (and pin) all of L1 at start.
+    #[arg(long, env = "KVCOORD_L1_PREALLOC")]
+    l1_prealloc: bool,
+    /// Tokens per chunk.
+    #[arg(long, env = "KVCOORD_CHUNK_TOKENS")]
+    chunk_tokens: Option<u32>,
+    #[arg(long, value_enum, env = "KVCOORD_BACKEND")]
+    backend: Option<BackendChoice>,
+    /// Copy lanes (GPU-worker actors) of the host backend.
+    #[arg(long, env = "KVCOORD_COPY_LANES")]
+    copy_lanes: Option<u32>,
+    /// CUDA streams per direction (store, retrieve) of each GPU worker.
+    #[arg(long, env = "KVCOORD_GPU_STREAMS")]
+    gpu_streams: Option<u32>,
+    /// How GPU workers copy: through device staging (default) or direct.
+    #[arg(long, value_enum, env = "KVCOORD_GPU_COPY")]
+    gpu_copy: Option<crate::config::GpuCopy>,
+    /// Milliseconds a closed connection's instances are kept.
+    #[arg(long, env = "KVCOORD_GRACE_MS")]
+    grace_ms: Option<u64>,
+    /// Milliseconds a lookup lease lives at most.
+    #[arg(long, env = "KVCOORD_LEASE_TTL_MS")]
+    lease_ttl_ms: Option<u64>,
+    /// Milliseconds a graceful shutdown waits for in-flight requests.
+    #[arg(long, env = "KVCOORD_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
+    /// Accept fault-injection requests (for tests; never in production).
+    #[arg(long, env = "KVCOORD_FAULT_INJECTION")]
+    enable_fault_injection: bool,
+    /// Admin HTTP API address (`host:port`), or `off`.
+    #[arg(long, env = "KVCOORD_ADMIN")]
+    admin: Option<String>,
+    /// Directory of the disk tier (chunks survive a restart); off when unset.
+    #[arg(long, env = "KVCOORD_DISK_DIR")]
+    disk_dir: Option<PathBuf>,
+    /// Capacity of the disk tier, e.g. `100GiB`.
+    #[arg(long, env = "KVCOORD_DISK_SIZE")]
+    disk_size: Option<bytesize::ByteSize>,
+    /// Bearer token that the admin `POST /clear` requires (clear is refused without one).
+    #[arg(long, env = "KVCOORD_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    #[arg(long, value_enum, env = "KVCOORD_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl ServeArgs {
+    pub fn resolve(&self) -> Result<ServerConfig, crate::config::ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => ServerConfig::from_toml_file(path)?,
+            None => ServerConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { c.$field = v.clone(); } )* };
+        }
+        set!(
+            socket,
+            l1_size,
+            chunk_tokens,
+            backend,
+            copy_lanes,
+            gpu_streams,
+            gpu_copy,
+            grace_ms,
+            lease_ttl_ms,
+            shutdown_timeout_ms,
+            log_format,
+            disk_size
+        );
+        if self.disk_dir.is_some() {
+            c.disk_dir = self.disk_dir.clone();
+        }
+        if self.tcp.is_some() {
+            c.tcp = self.tcp.clone();
+        }
+        if let Some(a) = &self.admin {
+            c.admin = a.clone();
+        }
+        if self.admin_token.is_some() {
+            c.admin_token = self.admin_token.clone();
+        }
+        if self.enable_fault_injection {
+            c.fault_injection = true;
+        }
+        if self.l1_prealloc {
+            c.l1_prealloc = true;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs `kvcoord serve` until SIGTERM or SIGINT; returns the process exit
+/// code: 0 after a graceful shutdown, 2 for an invalid configuration, 1 when
+/// the coordinator cannot start or fails.
+pub fn run(args: ServeArgs) -> i32 {
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvcoord: {e}");
+            return 2;
+        }
+    };
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config).expect("the configuration serialises"));
+        return 0;
+    }
+    init_logging(config.log_format);
+    let system = actix_rt::System::new();
+    let result: Result<(), String> = system.block_on(async move {
+        let coordinator = Coordinator::start(config).await.map_err(|e| e.to_string())?;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        coordinator.shutdown().await;
+        Ok(())
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "kvcoord failed");
+            eprintln!("kvcoord: {e}");
+            1
+        }
+    }
+}
