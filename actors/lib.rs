@@ -4,14 +4,14 @@
 //! - [`server`]: the coordinator (supervisor, instance, copy-lane and
 //!   session actors, the L1 store, tiers). Start it with
 //!   [`server::Coordinator::start`] inside an actix `System`, or run the
-//!   `kvcoord serve` binary ([`serve`] is that command).
+//!   `kvcoord serve` binary ([`cli`] is its command line).
 //! - [`client`]: the client for actor-system hosts, an actix actor over the
 //!   tokio client core of the `kvcoord-client` crate.
 //! - [`config`]: the server's configuration.
 
+pub mod cli;
 pub mod client;
 pub mod config;
-pub mod serve;
 pub mod server;
 
 pub use config::ServerConfig;

@@ -27,7 +27,7 @@ enum Command {
     GpuCheck(gpu_check::GpuCheckArgs),
     /// A coordinator process (`kvcoord serve`), for the commands above.
     #[command(hide = true)]
-    Serve(Box<kvcoord::serve::ServeArgs>),
+    Serve(Box<kvcoord::cli::serve::ServeArgs>),
     /// One GPU TP worker client process (used by `gpu-check`).
     #[command(hide = true)]
     GpuWorker(gpu_check::GpuWorkerArgs),
@@ -41,7 +41,7 @@ enum Command {
 
 fn main() {
     let code = match Cli::parse().command {
-        Command::Serve(args) => std::process::exit(kvcoord::serve::run(*args)),
+        Command::Serve(args) => std::process::exit(kvcoord::cli::serve::run(*args)),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
