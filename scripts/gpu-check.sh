@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The CUDA backend's check on a GPU machine, with the release binary already
-# built (`cargo build --release`; copy target/release/kvcoord over if the GPU
+# built (`cargo build --release`; copy target/release/kvcoord-harness over if the GPU
 # machine has no Rust toolchain). Each run prints its own table: contiguous
 # pinned DMA measured in the same run beside kvcoord's end-to-end store and
 # retrieve, with byte-for-byte verification and a SIGKILL + restart of the
 # coordinator. Exits non-zero if any correctness step fails.
 #
-#   scripts/gpu-check.sh [path/to/kvcoord]
+#   scripts/gpu-check.sh [path/to/kvcoord-harness]
 set -euo pipefail
-BIN=${1:-target/release/kvcoord}
+BIN=${1:-target/release/kvcoord-harness}
 if ! "$BIN" gpu-check --help >/dev/null; then
-  echo "gpu-check: $BIN is not a kvcoord binary" >&2
+  echo "gpu-check: $BIN is not a kvcoord-harness binary" >&2
   exit 2
 fi
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
