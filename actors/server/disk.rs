@@ -19,7 +19,9 @@
 //! least recently used files. A failed write (disk full, I/O error) is
 //! counted and logged; the object simply stays L1-only.
 //!
-//! This module must never hold the L1 lock while doing I/O.
+//! It implements [`Tier`]; nothing above it names `DiskTier` except the
+//! coordinator's start. This module must never hold the L1 lock while doing
+//! I/O, and never import L1 or an actor.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -34,7 +36,8 @@ use kvcoord_transport::ChunkHash;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::l1::{L1Store, ObjectKey, ReadGuard};
+use super::keys::{ModelId, ObjectKey};
+use super::tier::{Tier, TierReadError, TierStats, WriteBehind};
 
 const MAGIC: &[u8; 4] = b"KVC1";
 const MAX_HEADER: u32 = 4096;
@@ -56,41 +59,25 @@ struct Entry {
 
 /// Counters for stats.
 #[derive(Default)]
-pub struct DiskCounters {
-    pub hits: AtomicU64,
-    pub writes: AtomicU64,
-    pub write_errors: AtomicU64,
-    pub corrupt: AtomicU64,
-    pub recovered: AtomicU64,
-    pub skipped: AtomicU64,
-    pub evictions: AtomicU64,
+struct DiskCounters {
+    hits: AtomicU64,
+    writes: AtomicU64,
+    write_errors: AtomicU64,
+    corrupt: AtomicU64,
+    recovered: AtomicU64,
+    skipped: AtomicU64,
+    evictions: AtomicU64,
 }
 
-/// One object to write.
-pub struct WriteJob {
-    pub key: ObjectKey,
-    pub model: Arc<str>,
-    pub world_size: u32,
-    pub object: ReadGuard,
-}
-
-/// Why an object could not be read back.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskReadError {
-    #[error("not on disk")]
-    Missing,
-    #[error("corrupt object {0} dropped")]
-    Corrupt(String),
-}
-
+/// The disk tier. Share it as `Arc<dyn Tier>`.
 pub struct DiskTier {
     dir: PathBuf,
     capacity: u64,
     index: Mutex<DiskIndex>,
-    queue: std::sync::mpsc::SyncSender<WriteJob>,
+    queue: std::sync::mpsc::SyncSender<WriteBehind>,
     backlog: AtomicU64,
     max_backlog: u64,
-    pub counters: DiskCounters,
+    counters: DiskCounters,
 }
 
 struct DiskIndex {
@@ -137,10 +124,17 @@ fn read_header(file: &mut File) -> std::io::Result<Option<(Header, Vec<u8>)>> {
 impl DiskTier {
     /// Opens (creating) `dir`, rebuilds the index from the files there, and
     /// starts the writer thread. Files that cannot be valid are deleted.
-    pub fn open(dir: &Path, capacity: u64, l1: &L1Store) -> std::io::Result<Arc<DiskTier>> {
+    /// `l1_capacity` bounds the write-behind backlog (queued objects hold L1
+    /// memory); `model_id` interns a file's (model, world size).
+    pub fn open(
+        dir: &Path,
+        capacity: u64,
+        l1_capacity: u64,
+        model_id: &dyn Fn(&str, u32) -> ModelId,
+    ) -> std::io::Result<Arc<DiskTier>> {
         std::fs::create_dir_all(dir)?;
         let started = Instant::now();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(4096);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteBehind>(4096);
         let tier = Arc::new(DiskTier {
             dir: dir.to_path_buf(),
             capacity,
@@ -149,7 +143,7 @@ impl DiskTier {
             backlog: AtomicU64::new(0),
             // Queued objects hold L1 memory (a read guard each): a quarter of
             // L1 at most, so the backlog can never starve stores.
-            max_backlog: (capacity / 4).min(l1.usage().capacity / 4).clamp(32 << 20, 1 << 30),
+            max_backlog: (capacity / 4).min(l1_capacity / 4).clamp(32 << 20, 1 << 30),
             counters: DiskCounters::default(),
         });
         let (mut recovered, mut dropped, mut scanned) = (0u64, 0u64, 0u64);
@@ -182,7 +176,7 @@ impl DiskTier {
                     let age = mtime
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_micros() as u64);
-                    let key = ObjectKey { model: l1.model_id(&h.model, h.world_size), rank: h.rank, hash: h.hash };
+                    let key = ObjectKey { model: model_id(&h.model, h.world_size), rank: h.rank, hash: h.hash };
                     found.push((key, Entry { file: name, bytes: size, last_used: age }));
                     recovered += 1;
                 }
@@ -221,8 +215,8 @@ impl DiskTier {
 
     /// Queues a committed object for writing; never blocks. Returns whether
     /// it was queued.
-    pub fn enqueue(&self, job: WriteJob) -> bool {
-        if self.contains(&job.key) {
+    fn enqueue(&self, job: WriteBehind) -> bool {
+        if self.holds(&job.key) {
             return false;
         }
         let bytes = job.object.len() as u64;
@@ -239,11 +233,11 @@ impl DiskTier {
         true
     }
 
-    pub fn contains(&self, key: &ObjectKey) -> bool {
+    fn holds(&self, key: &ObjectKey) -> bool {
         self.index.lock().entries.contains_key(key)
     }
 
-    fn write(&self, job: WriteJob) {
+    fn write(&self, job: WriteBehind) {
         let bytes = job.object.len() as u64;
         let name = file_name(&job.model, job.world_size, job.key.rank, &job.key.hash);
         let result = self.write_file(&name, &job);
@@ -271,7 +265,7 @@ impl DiskTier {
         }
     }
 
-    fn write_file(&self, name: &str, job: &WriteJob) -> std::io::Result<u64> {
+    fn write_file(&self, name: &str, job: &WriteBehind) -> std::io::Result<u64> {
         let header = Header {
             model: job.model.to_string(),
             world_size: job.world_size,
@@ -334,12 +328,12 @@ impl DiskTier {
 
     /// Reads an object into `dst` (exactly its length), verifying the
     /// checksum. A corrupt object is deleted and never returned.
-    pub fn read_into(&self, key: &ObjectKey, dst: &dyn ObjectBytes) -> Result<(), DiskReadError> {
+    fn read_file(&self, key: &ObjectKey, dst: &dyn ObjectBytes) -> Result<(), TierReadError> {
         let file = {
             let mut ix = self.index.lock();
             ix.tick += 1;
             let tick = ix.tick;
-            let e = ix.entries.get_mut(key).ok_or(DiskReadError::Missing)?;
+            let e = ix.entries.get_mut(key).ok_or(TierReadError::Missing)?;
             e.last_used = tick;
             e.file.clone()
         };
@@ -367,49 +361,48 @@ impl DiskTier {
             }
             None => {
                 self.drop_corrupt(key, &file);
-                Err(DiskReadError::Corrupt(file))
+                Err(TierReadError::Corrupt(file))
             }
         }
     }
-
-    /// (capacity, used bytes, objects, backlog bytes).
-    pub fn usage(&self) -> (u64, u64, u64, u64) {
-        let ix = self.index.lock();
-        (self.capacity, ix.used, ix.entries.len() as u64, self.backlog.load(Ordering::Relaxed))
-    }
 }
 
-/// Owned bytes to read a disk object into when L1 has no room for it.
-pub struct Buffer {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Buffer {
-    pub fn zeroed(len: usize) -> Self {
-        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
-        Buffer { ptr, len }
+impl Tier for DiskTier {
+    fn name(&self) -> &'static str {
+        "disk"
     }
-}
 
-// SAFETY: a Buffer uniquely owns its heap bytes (like a Box<[u8]>).
-unsafe impl Send for Buffer {}
-// SAFETY: `&Buffer` only exposes the pointer and length.
-unsafe impl Sync for Buffer {}
-
-impl ObjectBytes for Buffer {
-    fn as_ptr(&self) -> *mut u8 {
-        self.ptr
+    fn contains(&self, key: &ObjectKey) -> bool {
+        self.holds(key)
     }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
 
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` and `len` came from `Box::into_raw` of a boxed slice
-        // of exactly `len` bytes in `zeroed`, and are freed only here.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    fn read_into(&self, key: &ObjectKey, into: &dyn ObjectBytes) -> Result<(), TierReadError> {
+        self.read_file(key, into)
+    }
+
+    fn write_behind(&self, job: WriteBehind) -> bool {
+        self.enqueue(job)
+    }
+
+    fn stats(&self) -> TierStats {
+        let (used, objects) = {
+            let ix = self.index.lock();
+            (ix.used, ix.entries.len() as u64)
+        };
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TierStats {
+            capacity: self.capacity,
+            used,
+            objects,
+            backlog: get(&self.backlog),
+            hits: get(&c.hits),
+            writes: get(&c.writes),
+            write_errors: get(&c.write_errors),
+            corrupt: get(&c.corrupt),
+            recovered: get(&c.recovered),
+            skipped: get(&c.skipped),
+            evictions: get(&c.evictions),
+        }
     }
 }

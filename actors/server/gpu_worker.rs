@@ -26,9 +26,10 @@ use kvcoord_memory::host::HostMemoryError;
 use kvcoord_memory::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
-use super::disk::{Buffer, DiskTier};
-use super::l1::{ObjectKey, ReadGuard, WriteTicket};
+use super::keys::ObjectKey;
+use super::l1::{ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
+use super::tier::{Buffer, Tier};
 
 /// Decides, exactly once, whether a copy job runs or is cancelled: the worker
 /// calls `start`, the request's deadline path calls `cancel`; whichever comes
@@ -112,7 +113,7 @@ pub struct ScatterJob {
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
     pub objects: Vec<Option<ScatterSource>>,
-    pub disk: Option<Arc<DiskTier>>,
+    pub tier: Option<Arc<dyn Tier>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -341,10 +342,10 @@ impl Handler<ScatterJob> for GpuWorker {
     }
 }
 
-/// A disk object is served only if it reads back whole and its checksum
-/// matches; otherwise it is dropped and reported missing.
-fn read_from_disk(disk: &Option<Arc<DiskTier>>, key: &ObjectKey, into: &dyn ObjectBytes) -> bool {
-    disk.as_ref().is_some_and(|d| d.read_into(key, into).is_ok())
+/// A tier object is served only if it reads back whole and verified;
+/// otherwise it is dropped and reported missing.
+fn read_from_tier(tier: &Option<Arc<dyn Tier>>, key: &ObjectKey, into: &dyn ObjectBytes) -> bool {
+    tier.as_ref().is_some_and(|t| t.read_into(key, into).is_ok())
 }
 
 fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveOutcome>, u64), WireError> {
@@ -361,13 +362,13 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
                 scatter(&obj, i)?;
                 Some(obj.len())
             }
-            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
+            Some(ScatterSource::Promote(key, ticket)) if read_from_tier(&job.tier, &key, &ticket) => {
                 scatter(&ticket, i)?;
                 let n = ticket.len();
                 ticket.commit();
                 Some(n)
             }
-            Some(ScatterSource::DiskOnly(key, buf)) if read_from_disk(&job.disk, &key, &buf) => {
+            Some(ScatterSource::DiskOnly(key, buf)) if read_from_tier(&job.tier, &key, &buf) => {
                 scatter(&buf, i)?;
                 Some(buf.len())
             }
@@ -404,7 +405,7 @@ fn scatter_on_device(
     for (i, object) in job.objects.into_iter().enumerate() {
         let servable = match object {
             Some(ScatterSource::L1(obj)) => Some(ScatterSource::L1(obj)),
-            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
+            Some(ScatterSource::Promote(key, ticket)) if read_from_tier(&job.tier, &key, &ticket) => {
                 Some(ScatterSource::Promote(key, ticket))
             }
             _ => None,

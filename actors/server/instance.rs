@@ -14,11 +14,12 @@ use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
-use super::disk::{Buffer, WriteJob};
 use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob, ScatterSource};
-use super::l1::{ModelId, ObjectKey, Reservation};
+use super::keys::{ModelId, ObjectKey};
+use super::l1::Reservation;
 use super::state::{Counters, ServerShared};
 use super::supervision::{ChildExited, DeathNotice};
+use super::tier::{Buffer, WriteBehind};
 
 /// Store these chunks from these blocks.
 #[derive(Message)]
@@ -94,15 +95,15 @@ impl InstanceActor {
         ObjectKey { model: self.model, rank: self.key.rank, hash }
     }
 
-    /// Where a chunk to retrieve is: L1, else the disk tier (promoted into a
-    /// new L1 object when there is room), else nowhere.
+    /// Where a chunk to retrieve is: L1, else the tier below (promoted into
+    /// a new L1 object when there is room), else nowhere.
     fn source(&self, key: ObjectKey, bytes: u64) -> Option<ScatterSource> {
         let l1 = &self.shared.l1;
         if let Some(guard) = l1.read(&key) {
             return Some(ScatterSource::L1(guard));
         }
-        let disk = self.shared.disk.as_ref()?;
-        if !disk.contains(&key) {
+        let tier = self.shared.lower_tier.as_ref()?;
+        if !tier.contains(&key) {
             return None;
         }
         match l1.reserve(key, bytes) {
@@ -176,12 +177,12 @@ impl Handler<StoreChunks> for InstanceActor {
             }
             let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
             Counters::add(&shared.counters.bytes_stored, bytes);
-            if let Some(disk) = &shared.disk {
-                // Write behind: the store's reply does not wait for the disk.
+            if let Some(tier) = &shared.lower_tier {
+                // Write behind: the store's reply does not wait for the tier.
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
                     if let Some(object) = shared.l1.read(key) {
-                        let job = WriteJob { key: *key, model: model_name.clone(), world_size, object };
-                        disk.enqueue(job);
+                        let object = Box::new(object);
+                        tier.write_behind(WriteBehind { key: *key, model: model_name.clone(), world_size, object });
                     }
                 }
             }
@@ -197,8 +198,8 @@ impl Handler<RetrieveChunks> for InstanceActor {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
             let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
             let objects = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
-            let disk = self.shared.disk.clone();
-            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, disk, gate: msg.gate }
+            let tier = self.shared.lower_tier.clone();
+            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, tier, gate: msg.gate }
         });
         let (worker, shared, rank, lease) = (self.worker.clone(), self.shared.clone(), self.key.rank, msg.lease);
         Box::pin(async move {

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod disk;
 pub mod gpu_worker;
 pub mod instance;
+pub mod keys;
 pub mod l1;
 pub mod metrics;
 pub mod requests;
@@ -20,6 +21,7 @@ pub mod session;
 pub mod state;
 pub mod supervision;
 pub mod supervisor;
+pub mod tier;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use l1::L1Store;
 use session::Session;
 use state::{Counters, ServerShared};
 use supervisor::{GetStats, Supervisor};
+use tier::Tier;
 
 /// Why a coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -143,12 +146,14 @@ impl Coordinator {
             );
         }
         let l1 = L1Store::new(arena, Duration::from_millis(config.lease_ttl_ms));
-        // The disk index is rebuilt before anything is served.
-        let disk = match &config.disk_dir {
+        // The disk index is rebuilt before anything is served. This is the
+        // only place that names the concrete tier: the rest knows a `Tier`.
+        let lower_tier: Option<Arc<dyn Tier>> = match &config.disk_dir {
             Some(dir) => {
-                let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), &l1)
+                let model_id = |model: &str, world_size| l1.model_id(model, world_size);
+                let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), l1.usage().capacity, &model_id)
                     .map_err(|e| StartError::Backend(format!("disk tier at {}: {e}", dir.display())))?;
-                l1.attach_disk(tier.clone());
+                l1.attach_lower_tier(tier.clone());
                 Some(tier)
             }
             None => None,
@@ -162,7 +167,7 @@ impl Coordinator {
             metrics: metrics::Metrics::new(epoch, backend),
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             admin: std::sync::OnceLock::new(),
-            disk,
+            lower_tier,
             epoch,
             config,
             backend,

@@ -14,8 +14,10 @@ use dashmap::DashMap;
 use kvcoord_transport::{InstanceKey, ServerEpoch};
 
 use super::instance::InstanceActor;
-use super::l1::{L1Store, ModelId};
+use super::keys::ModelId;
+use super::l1::L1Store;
 use super::metrics::Metrics;
+use super::tier::Tier;
 use crate::config::ServerConfig;
 
 /// Where requests for one registered instance go.
@@ -82,8 +84,8 @@ pub struct ServerShared {
     pub endpoints: Vec<String>,
     /// Where the admin HTTP API listens, once it does.
     pub admin: OnceLock<String>,
-    /// The disk tier, if configured.
-    pub disk: Option<Arc<super::disk::DiskTier>>,
+    /// The tier below L1 (the disk tier), if configured.
+    pub lower_tier: Option<Arc<dyn Tier>>,
 }
 
 impl ServerShared {

@@ -29,10 +29,11 @@ use kvcoord_memory::MemoryHandle;
 
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
 use super::instance::{CrashInstance, InstanceActor, Retire};
-use super::l1::ModelId;
+use super::keys::ModelId;
 use super::routing::{route, LaneKind};
 use super::state::{Counters, InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
+use super::tier::Tier;
 
 struct Lane {
     addr: Addr<GpuWorker>,
@@ -406,21 +407,20 @@ impl Handler<InjectFault> for Supervisor {
     }
 }
 
-fn disk_stats(disk: Option<&super::disk::DiskTier>) -> ServerStats {
-    let Some(d) = disk else { return ServerStats::default() };
-    let (capacity, used, objects, backlog) = d.usage();
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+/// The tier below L1's figures (the `disk_*` fields of the stats).
+fn tier_stats(tier: Option<&dyn Tier>) -> ServerStats {
+    let Some(s) = tier.map(Tier::stats) else { return ServerStats::default() };
     ServerStats {
-        disk_capacity: capacity,
-        disk_used: used,
-        disk_objects: objects,
-        disk_backlog: backlog,
-        disk_hits: get(&d.counters.hits),
-        disk_writes: get(&d.counters.writes),
-        disk_write_errors: get(&d.counters.write_errors),
-        disk_corrupt: get(&d.counters.corrupt),
-        disk_recovered: get(&d.counters.recovered),
-        disk_skipped: get(&d.counters.skipped),
+        disk_capacity: s.capacity,
+        disk_used: s.used,
+        disk_objects: s.objects,
+        disk_backlog: s.backlog,
+        disk_hits: s.hits,
+        disk_writes: s.writes,
+        disk_write_errors: s.write_errors,
+        disk_corrupt: s.corrupt,
+        disk_recovered: s.recovered,
+        disk_skipped: s.skipped,
         ..ServerStats::default()
     }
 }
@@ -501,7 +501,7 @@ impl Handler<GetStats> for Supervisor {
             connections: Counters::get(&c.connections),
             actor_restarts: Counters::get(&c.actor_restarts),
             reclaimed_instances: Counters::get(&c.reclaimed_instances),
-            ..disk_stats(s.disk.as_deref())
+            ..tier_stats(s.lower_tier.as_deref())
         })
     }
 }
