@@ -5,6 +5,9 @@
 //! It must never copy bytes itself nor run a copy past its deadline. Its
 //! memory is shared with in-flight jobs through an `Arc`, so when the
 //! instance goes away the memory is released only after those copies finish.
+//! It reaches the rest of the server only through its [`DataPath`] (L1, the
+//! tier below, the counters) and its copy lane, never through the shared
+//! server state or the route table.
 
 use std::sync::Arc;
 
@@ -16,10 +19,10 @@ use kvcoord_transport::{
 
 use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::keys::{ModelId, ObjectKey};
-use super::l1::Reservation;
-use super::state::{Counters, ServerShared};
+use super::counters::Counters;
+use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
-use super::tier::{Buffer, WriteBehind};
+use super::tier::{Buffer, Tier, WriteBehind};
 
 /// Store these chunks from these blocks.
 #[derive(Message)]
@@ -52,6 +55,15 @@ pub struct Retire;
 #[rtype(result = "()")]
 pub struct CrashInstance;
 
+/// What an instance actor reaches besides its own registration.
+#[derive(Clone)]
+pub struct DataPath {
+    pub l1: Arc<L1Store>,
+    /// The tier below L1 (the disk), if configured.
+    pub lower_tier: Option<Arc<dyn Tier>>,
+    pub counters: Arc<Counters>,
+}
+
 pub struct InstanceActor {
     pub key: InstanceKey,
     pub model: ModelId,
@@ -61,7 +73,7 @@ pub struct InstanceActor {
     pub chunk_tokens: u32,
     pub memory: OpenedMemory,
     pub worker: Addr<GpuWorker>,
-    pub shared: Arc<ServerShared>,
+    pub data: DataPath,
     notice: DeathNotice,
 }
 
@@ -74,12 +86,12 @@ impl InstanceActor {
         chunk_tokens: u32,
         memory: OpenedMemory,
         worker: Addr<GpuWorker>,
-        shared: Arc<ServerShared>,
+        data: DataPath,
         supervisor: Recipient<ChildExited>,
         generation: u64,
     ) -> Self {
         let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
-        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, worker, shared, notice }
+        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, worker, data, notice }
     }
 
     fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
@@ -98,11 +110,11 @@ impl InstanceActor {
     /// Where a chunk to retrieve is: L1, else the tier below (promoted into
     /// a new L1 object when there is room), else nowhere.
     fn source(&self, key: ObjectKey, bytes: u64) -> Option<ScatterSource> {
-        let l1 = &self.shared.l1;
+        let l1 = &self.data.l1;
         if let Some(guard) = l1.read(&key) {
             return Some(ScatterSource::L1(guard));
         }
-        let tier = self.shared.lower_tier.as_ref()?;
+        let tier = self.data.lower_tier.as_ref()?;
         if !tier.contains(&key) {
             return None;
         }
@@ -138,7 +150,7 @@ impl Handler<StoreChunks> for InstanceActor {
             let mut outcomes = Vec::with_capacity(msg.chunks.len());
             for &hash in &msg.chunks {
                 let r = self
-                    .shared
+                    .data
                     .l1
                     .reserve(self.object_key(hash), bytes)
                     .map_err(|e| WireError::new(ErrorKind::Internal, format!("L1 memory could not grow: {e}")))?;
@@ -167,7 +179,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 gate: msg.gate,
             })
         })();
-        let (worker, shared) = (self.worker.clone(), self.shared.clone());
+        let (worker, data) = (self.worker.clone(), self.data.clone());
         let keys: Vec<ObjectKey> = msg.chunks.iter().map(|&h| self.object_key(h)).collect();
         let (model_name, world_size) = (self.model_name.clone(), self.world_size);
         Box::pin(async move {
@@ -176,11 +188,11 @@ impl Handler<StoreChunks> for InstanceActor {
                 return Ok(ReplyBody::Stored(job.outcomes));
             }
             let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
-            Counters::add(&shared.counters.bytes_stored, bytes);
-            if let Some(tier) = &shared.lower_tier {
+            Counters::add(&data.counters.bytes_stored, bytes);
+            if let Some(tier) = &data.lower_tier {
                 // Write behind: the store's reply does not wait for the tier.
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
-                    if let Some(object) = shared.l1.read(key) {
+                    if let Some(object) = data.l1.read(key) {
                         let object = Box::new(object);
                         tier.write_behind(WriteBehind { key: *key, model: model_name.clone(), world_size, object });
                     }
@@ -198,22 +210,22 @@ impl Handler<RetrieveChunks> for InstanceActor {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
             let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
             let objects = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
-            let tier = self.shared.lower_tier.clone();
+            let tier = self.data.lower_tier.clone();
             ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, tier, gate: msg.gate }
         });
-        let (worker, shared, rank, lease) = (self.worker.clone(), self.shared.clone(), self.key.rank, msg.lease);
+        let (worker, data, rank, lease) = (self.worker.clone(), self.data.clone(), self.key.rank, msg.lease);
         Box::pin(async move {
             let job = prepared?;
             let result = if job.objects.iter().all(Option::is_none) {
                 Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
             } else {
                 worker.send(job).await.map_err(worker_gone)?.map(|(o, bytes)| {
-                    Counters::add(&shared.counters.bytes_retrieved, bytes);
+                    Counters::add(&data.counters.bytes_retrieved, bytes);
                     o
                 })
             };
             if let Some(lease) = lease {
-                shared.l1.release_rank(lease, rank);
+                data.l1.release_rank(lease, rank);
             }
             Ok(ReplyBody::Retrieved(result?))
         })

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod admin;
+pub mod counters;
 pub mod disk;
 pub mod gpu_worker;
 pub mod instance;
@@ -41,7 +42,8 @@ use tokio::sync::watch;
 use crate::config::{BackendChoice, ServerConfig};
 use l1::L1Store;
 use session::Session;
-use state::{Counters, ServerShared};
+use counters::Counters;
+use state::ServerShared;
 use supervisor::{GetStats, Supervisor};
 use tier::Tier;
 
@@ -174,7 +176,7 @@ impl Coordinator {
             devices,
             l1,
             routes: DashMap::new(),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

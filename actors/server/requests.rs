@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use super::gpu_worker::JobGate;
 use super::instance::{self, InstanceActor};
-use super::state::{Counters, InstanceRoute, ServerShared};
+use super::counters::Counters;
+use super::state::{InstanceRoute, ServerShared};
 use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 
 fn not_registered() -> WireError {

@@ -28,10 +28,11 @@ use kvcoord_memory::cuda::CudaDevice;
 use kvcoord_memory::MemoryHandle;
 
 use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
-use super::instance::{CrashInstance, InstanceActor, Retire};
+use super::instance::{CrashInstance, DataPath, InstanceActor, Retire};
 use super::keys::ModelId;
 use super::routing::{route, LaneKind};
-use super::state::{Counters, InstanceRoute, ServerShared};
+use super::counters::Counters;
+use super::state::{InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
 use super::tier::Tier;
 
@@ -261,7 +262,11 @@ impl Handler<Register> for Supervisor {
                         act.shared.config.chunk_tokens,
                         memory,
                         act.lanes[lane].addr.clone(),
-                        act.shared.clone(),
+                        DataPath {
+                            l1: act.shared.l1.clone(),
+                            lower_tier: act.shared.lower_tier.clone(),
+                            counters: act.shared.counters.clone(),
+                        },
                         ctx.address().recipient(),
                         generation,
                     );
