@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
 
-use super::{op, CudaDevice, CudaError};
+use super::device::CudaDevice;
+use super::driver::{op, CudaError};
 use crate::copy::for_each_block_plane;
 use crate::layout::{BlockId, KvLayout};
 
