@@ -19,6 +19,10 @@
 //! least recently used files. A failed write (disk full, I/O error) is
 //! counted and logged; the object simply stays L1-only.
 //!
+//! Reads run on [`READER_THREADS`] reader threads of their own, never on the
+//! caller's thread nor a copy lane: a retrieve asks for a read, and the
+//! bytes come back through the read's one-shot channel.
+//!
 //! It implements [`Tier`]; nothing above it names `DiskTier` except the
 //! coordinator's start. This module must never hold the L1 lock while doing
 //! I/O, and never import L1 or an actor.
@@ -37,9 +41,13 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{ModelId, ObjectKey};
-use super::tier::{Tier, TierReadError, TierStats, WriteBehind};
+use super::tier::{Tier, TierRead, TierReadError, TierStats, WriteBehind};
 
 const MAGIC: &[u8; 4] = b"KVC1";
+/// Threads reading objects back for retrieves (each read is one file's
+/// open, read and checksum; a few in parallel keep a retrieve of many chunks
+/// from queueing behind one slow read).
+pub const READER_THREADS: usize = 4;
 const MAX_HEADER: u32 = 4096;
 
 #[derive(Serialize, Deserialize)]
@@ -75,6 +83,7 @@ pub struct DiskTier {
     capacity: u64,
     index: Mutex<DiskIndex>,
     queue: std::sync::mpsc::SyncSender<WriteBehind>,
+    reads: std::sync::mpsc::Sender<TierRead>,
     backlog: AtomicU64,
     max_backlog: u64,
     counters: DiskCounters,
@@ -123,7 +132,8 @@ fn read_header(file: &mut File) -> std::io::Result<Option<(Header, Vec<u8>)>> {
 
 impl DiskTier {
     /// Opens (creating) `dir`, rebuilds the index from the files there, and
-    /// starts the writer thread. Files that cannot be valid are deleted.
+    /// starts the writer and reader threads. Files that cannot be valid are
+    /// deleted.
     /// `l1_capacity` bounds the write-behind backlog (queued objects hold L1
     /// memory); `model_id` interns a file's (model, world size).
     pub fn open(
@@ -135,11 +145,13 @@ impl DiskTier {
         std::fs::create_dir_all(dir)?;
         let started = Instant::now();
         let (tx, rx) = std::sync::mpsc::sync_channel::<WriteBehind>(4096);
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<TierRead>();
         let tier = Arc::new(DiskTier {
             dir: dir.to_path_buf(),
             capacity,
             index: Mutex::new(DiskIndex { entries: HashMap::default(), used: 0, tick: 0 }),
             queue: tx,
+            reads: read_tx,
             backlog: AtomicU64::new(0),
             // Queued objects hold L1 memory (a read guard each): a quarter of
             // L1 at most, so the backlog can never starve stores.
@@ -210,6 +222,22 @@ impl DiskTier {
                 writer.write(job);
             }
         })?;
+        // Readers hold the tier weakly: they end when it goes (its sender
+        // drops) and answer any read still queued then as failed.
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for i in 0..READER_THREADS {
+            let (reads, tier) = (read_rx.clone(), Arc::downgrade(&tier));
+            std::thread::Builder::new().name(format!("kvcoord-disk-read-{i}")).spawn(move || loop {
+                let Ok(read) = reads.lock().recv() else { return };
+                match tier.upgrade() {
+                    Some(t) => {
+                        let result = t.read_file(read.key(), read.target());
+                        read.finish(result);
+                    }
+                    None => read.finish(Err(TierReadError::Missing)),
+                }
+            })?;
+        }
         Ok(tier)
     }
 
@@ -343,8 +371,9 @@ impl DiskTier {
             if h.payload != dst.len() as u64 || h.rank != key.rank || h.hash != key.hash {
                 return None;
             }
-            // SAFETY: `dst` is a write ticket (exclusive until commit) or a
-            // buffer this thread owns, of exactly `dst.len()` bytes.
+            // SAFETY: `dst` is a read's target, `Exclusive` bytes (a write
+            // ticket, or a buffer) that nothing else touches until the read
+            // finishes, of exactly `dst.len()` bytes.
             let out = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr(), dst.len()) };
             f.read_exact(out).ok()?;
             let mut stored = [0u8; 32];
@@ -376,8 +405,10 @@ impl Tier for DiskTier {
         self.holds(key)
     }
 
-    fn read_into(&self, key: &ObjectKey, into: &dyn ObjectBytes) -> Result<(), TierReadError> {
-        self.read_file(key, into)
+    fn read(&self, read: TierRead) {
+        if let Err(std::sync::mpsc::SendError(read)) = self.reads.send(read) {
+            read.finish(Err(TierReadError::Missing));
+        }
     }
 
     fn write_behind(&self, job: WriteBehind) -> bool {
@@ -404,5 +435,47 @@ impl Tier for DiskTier {
             skipped: get(&c.skipped),
             evictions: get(&c.evictions),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::server::tier::Buffer;
+
+    fn filled(len: usize, byte: u8) -> Buffer {
+        let b = Buffer::zeroed(len);
+        // SAFETY: the buffer was just made and is ours alone.
+        unsafe { std::ptr::write_bytes(b.as_ptr(), byte, len) };
+        b
+    }
+
+    #[test]
+    fn written_behind_objects_read_back_through_the_reader_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = DiskTier::open(dir.path(), 1 << 30, 1 << 30, &|_, _| ModelId(0)).unwrap();
+        let key = ObjectKey { model: ModelId(0), rank: 0, hash: ChunkHash([7; 32]) };
+        let job = WriteBehind { key, model: "m".into(), world_size: 1, object: Box::new(filled(4096, 0xAB)) };
+        assert!(tier.write_behind(job));
+        let t = Instant::now();
+        while !tier.contains(&key) {
+            assert!(t.elapsed() < Duration::from_secs(10), "the write-behind never landed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (read, done) = TierRead::new(key, Buffer::zeroed(4096));
+        tier.read(read);
+        let (buf, result) = done.blocking_recv().expect("every read is answered");
+        result.unwrap();
+        // SAFETY: the read finished and handed the buffer back.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
+        assert!(bytes.iter().all(|&b| b == 0xAB));
+        assert_eq!(tier.stats().hits, 1);
+
+        let other = ObjectKey { hash: ChunkHash([8; 32]), ..key };
+        let (read, done) = TierRead::new(other, Buffer::zeroed(4096));
+        tier.read(read);
+        assert!(matches!(done.blocking_recv().unwrap().1, Err(TierReadError::Missing)));
     }
 }

@@ -10,8 +10,9 @@
 //! as one value. On a host lane it copies on its own thread.
 //!
 //! It must never touch the index except through the write tickets and object
-//! handles a job carries, and never start a job whose deadline path
-//! cancelled it.
+//! handles a job carries, never start a job whose deadline path cancelled
+//! it, and never do tier (disk) I/O: every object a job carries is already in
+//! memory.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
@@ -26,10 +27,9 @@ use kvcoord_memory::host::HostMemoryError;
 use kvcoord_memory::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
-use super::keys::ObjectKey;
 use super::l1::{ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
-use super::tier::{Buffer, Tier};
+use super::tier::Buffer;
 
 /// Decides, exactly once, whether a copy job runs or is cancelled: the worker
 /// calls `start`, the request's deadline path calls `cancel`; whichever comes
@@ -95,14 +95,18 @@ pub struct GatherJob {
     pub gate: Arc<JobGate>,
 }
 
-/// Where a retrieved chunk's bytes come from.
+/// Where a retrieved chunk's bytes are. Every source is already in memory:
+/// objects of the tier below L1 were read (on the tier's threads) before the
+/// job reached the lane.
 pub enum ScatterSource {
     /// A ready L1 object.
     L1(ReadGuard),
-    /// The disk tier, read into a new L1 object (promoted on success).
-    Promote(ObjectKey, WriteTicket),
-    /// The disk tier, read into a buffer (L1 had no room).
-    DiskOnly(ObjectKey, Buffer),
+    /// A new L1 object read back from the tier below, committed (promoted)
+    /// once scattered.
+    Promoted(WriteTicket),
+    /// An object read back from the tier below into a buffer (L1 had no
+    /// room); host memory only, the kernel reads only pinned memory.
+    Buffer(Buffer),
 }
 
 /// Scatter chunks into blocks; `objects[i]` is `None` for a missing chunk.
@@ -113,7 +117,6 @@ pub struct ScatterJob {
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
     pub objects: Vec<Option<ScatterSource>>,
-    pub tier: Option<Arc<dyn Tier>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -342,12 +345,6 @@ impl Handler<ScatterJob> for GpuWorker {
     }
 }
 
-/// A tier object is served only if it reads back whole and verified;
-/// otherwise it is dropped and reported missing.
-fn read_from_tier(tier: &Option<Arc<dyn Tier>>, key: &ObjectKey, into: &dyn ObjectBytes) -> bool {
-    tier.as_ref().is_some_and(|t| t.read_into(key, into).is_ok())
-}
-
 fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveOutcome>, u64), WireError> {
     if !job.gate.start() {
         return Err(cancelled());
@@ -362,17 +359,17 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
                 scatter(&obj, i)?;
                 Some(obj.len())
             }
-            Some(ScatterSource::Promote(key, ticket)) if read_from_tier(&job.tier, &key, &ticket) => {
+            Some(ScatterSource::Promoted(ticket)) => {
                 scatter(&ticket, i)?;
                 let n = ticket.len();
                 ticket.commit();
                 Some(n)
             }
-            Some(ScatterSource::DiskOnly(key, buf)) if read_from_tier(&job.tier, &key, &buf) => {
+            Some(ScatterSource::Buffer(buf)) => {
                 scatter(&buf, i)?;
                 Some(buf.len())
             }
-            _ => None,
+            None => None,
         };
         match served {
             Some(n) => {
@@ -386,10 +383,9 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
 }
 
 /// Queues one kernel scattering every servable chunk from pinned L1 into the
-/// instance's blocks; the reply is built after the copy finished. Disk
-/// objects are first read into their new (pinned) L1 object on this thread;
-/// a disk object with no L1 room is reported missing (the kernel reads only
-/// pinned memory).
+/// instance's blocks; the reply is built after the copy finished. A buffer
+/// source is reported missing (the kernel reads only pinned memory; the
+/// instance does not read one for CUDA memory).
 fn scatter_on_device(
     engine: &CopyEngine,
     job: ScatterJob,
@@ -403,21 +399,17 @@ fn scatter_on_device(
     let mut held = Vec::with_capacity(job.objects.len());
     let mut bytes = 0;
     for (i, object) in job.objects.into_iter().enumerate() {
-        let servable = match object {
-            Some(ScatterSource::L1(obj)) => Some(ScatterSource::L1(obj)),
-            Some(ScatterSource::Promote(key, ticket)) if read_from_tier(&job.tier, &key, &ticket) => {
-                Some(ScatterSource::Promote(key, ticket))
+        let source = match object {
+            Some(s @ (ScatterSource::L1(_) | ScatterSource::Promoted(_))) => s,
+            Some(ScatterSource::Buffer(_)) | None => {
+                outcomes.push(RetrieveOutcome::Missing);
+                continue;
             }
-            _ => None,
-        };
-        let Some(source) = servable else {
-            outcomes.push(RetrieveOutcome::Missing);
-            continue;
         };
         let obj: &dyn ObjectBytes = match &source {
             ScatterSource::L1(g) => g,
-            ScatterSource::Promote(_, t) => t,
-            ScatterSource::DiskOnly(_, b) => b,
+            ScatterSource::Promoted(t) => t,
+            ScatterSource::Buffer(b) => b,
         };
         bytes += obj.len() as u64;
         let addr = obj.as_ptr() as u64;
@@ -437,7 +429,7 @@ fn scatter_on_device(
         let _hold = mem;
         let result = r.map_err(internal).map(|_| {
             for source in held {
-                if let ScatterSource::Promote(_, ticket) = source {
+                if let ScatterSource::Promoted(ticket) = source {
                     ticket.commit();
                 }
             }

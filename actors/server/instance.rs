@@ -1,6 +1,8 @@
 //! The instance actor: one per registered TP rank. It holds the rank's layout
 //! and opened memory, validates every store and retrieve against the layout,
-//! reserves or reads L1 objects, and hands the copy to its GPU worker.
+//! reserves or reads L1 objects, has chunks missing from L1 read back from
+//! the tier below (on the tier's threads, awaited without blocking the
+//! actor), and hands the copy to its GPU worker.
 //!
 //! It must never copy bytes itself nor run a copy past its deadline. Its
 //! memory is shared with in-flight jobs through an `Arc`, so when the
@@ -12,6 +14,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures::future::{BoxFuture, FutureExt};
 use kvcoord_memory::{ChunkBlocks, KvLayout};
 use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
@@ -22,7 +25,7 @@ use super::keys::{ModelId, ObjectKey};
 use super::counters::Counters;
 use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
-use super::tier::{Buffer, Tier, WriteBehind};
+use super::tier::{Buffer, Tier, TierRead, WriteBehind};
 
 /// Store these chunks from these blocks.
 #[derive(Message)]
@@ -107,21 +110,33 @@ impl InstanceActor {
         ObjectKey { model: self.model, rank: self.key.rank, hash }
     }
 
-    /// Where a chunk to retrieve is: L1, else the tier below (promoted into
-    /// a new L1 object when there is room), else nowhere.
-    fn source(&self, key: ObjectKey, bytes: u64) -> Option<ScatterSource> {
+    /// Where a chunk to retrieve is: L1, else the tier below (read into a
+    /// new L1 object, promoted once scattered, when there is room; else into
+    /// a buffer, for host memory only), else nowhere. A tier read starts now,
+    /// on the tier's threads; the future resolves when it is done, to `None`
+    /// if the object could not be read back whole and verified.
+    fn source(&self, key: ObjectKey, bytes: u64) -> BoxFuture<'static, Option<ScatterSource>> {
         let l1 = &self.data.l1;
         if let Some(guard) = l1.read(&key) {
-            return Some(ScatterSource::L1(guard));
+            return futures::future::ready(Some(ScatterSource::L1(guard))).boxed();
         }
-        let tier = self.data.lower_tier.as_ref()?;
-        if !tier.contains(&key) {
-            return None;
-        }
+        let Some(tier) = self.data.lower_tier.as_ref().filter(|t| t.contains(&key)) else {
+            return futures::future::ready(None).boxed();
+        };
         match l1.reserve(key, bytes) {
-            Ok(Reservation::Write(ticket)) => Some(ScatterSource::Promote(key, ticket)),
-            Ok(Reservation::AlreadyPresent) => l1.read(&key).map(ScatterSource::L1),
-            _ => Some(ScatterSource::DiskOnly(key, Buffer::zeroed(bytes as usize))),
+            Ok(Reservation::Write(ticket)) => {
+                let (read, done) = TierRead::new(key, ticket);
+                tier.read(read);
+                async move { read_back(done.await).map(ScatterSource::Promoted) }.boxed()
+            }
+            Ok(Reservation::AlreadyPresent) => futures::future::ready(l1.read(&key).map(ScatterSource::L1)).boxed(),
+            // The copy kernel reads only pinned memory: no buffer for CUDA.
+            _ if matches!(self.memory, OpenedMemory::Cuda(_)) => futures::future::ready(None).boxed(),
+            _ => {
+                let (read, done) = TierRead::new(key, Buffer::zeroed(bytes as usize));
+                tier.read(read);
+                async move { read_back(done.await).map(ScatterSource::Buffer) }.boxed()
+            }
         }
     }
 }
@@ -132,6 +147,15 @@ impl Actor for InstanceActor {
     fn stopped(&mut self, _: &mut Self::Context) {
         let _ = &self.notice;
         tracing::debug!(engine = self.key.engine, rank = self.key.rank, "instance actor stopped");
+    }
+}
+
+/// The bytes of a tier read that succeeded; a failed (or unanswered) read
+/// drops them, so an unfilled write ticket discards itself.
+fn read_back<D, E, R>(done: Result<(D, Result<(), E>), R>) -> Option<D> {
+    match done {
+        Ok((bytes, Ok(()))) => Some(bytes),
+        _ => None,
     }
 }
 
@@ -209,13 +233,16 @@ impl Handler<RetrieveChunks> for InstanceActor {
     fn handle(&mut self, msg: RetrieveChunks, _: &mut Self::Context) -> Self::Result {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
             let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
-            let objects = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
-            let tier = self.data.lower_tier.clone();
-            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, tier, gate: msg.gate }
+            let sources: Vec<_> = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
+            (blocks, sources)
         });
+        let (layout, memory, gate) = (self.layout, self.memory.clone(), msg.gate);
         let (worker, data, rank, lease) = (self.worker.clone(), self.data.clone(), self.key.rank, msg.lease);
         Box::pin(async move {
-            let job = prepared?;
+            let (blocks, sources) = prepared?;
+            // Tier reads finish on the tier's threads; the lane only copies.
+            let objects = futures::future::join_all(sources).await;
+            let job = ScatterJob { layout, memory, blocks, objects, gate };
             let result = if job.objects.iter().all(Option::is_none) {
                 Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
             } else {

@@ -33,7 +33,7 @@ use kvcoord_transport::{ChunkHash, LeaseId};
 use parking_lot::Mutex;
 
 use super::keys::{ModelId, ObjectKey};
-use super::tier::Tier;
+use super::tier::{Exclusive, Tier};
 
 /// Keys are client-chosen hashes: a seeded hasher keeps crafted collisions
 /// from degrading the table.
@@ -163,6 +163,9 @@ pub struct ReadGuard {
 unsafe impl Send for WriteTicket {}
 // SAFETY: `&WriteTicket` only exposes the pointer and length.
 unsafe impl Sync for WriteTicket {}
+// SAFETY: a ticket's object is in the Writing state, invisible to lookups and
+// readers, until the ticket commits or drops; the ticket is its only writer.
+unsafe impl Exclusive for WriteTicket {}
 // SAFETY: a guard's object is Ready (no writer) or Doomed (no writer, and its
 // extent is freed only after the last guard drops), so reading its bytes
 // from any thread while the guard lives is sound.

@@ -7,10 +7,16 @@
 //! trait, its request and result types, and [`Buffer`] (owned bytes to read
 //! into when L1 has no room). It must never import L1, an actor, or a
 //! concrete tier.
+//!
+//! Reads are asynchronous: [`TierRead::new`] pairs the bytes to fill with a
+//! one-shot receiver, [`Tier::read`] hands the read to the tier's own threads
+//! (never the caller's, never a copy lane), and the receiver gets the bytes
+//! back with the outcome. A read the tier drops unanswered reads as failed.
 
 use std::sync::Arc;
 
 use kvcoord_memory::ObjectBytes;
+use tokio::sync::oneshot;
 
 use super::keys::ObjectKey;
 
@@ -58,10 +64,73 @@ pub struct TierStats {
     pub evictions: u64,
 }
 
+/// Bytes a tier may write into: `len()` bytes at `as_ptr()` that nothing
+/// else reads or writes while the value lives (an uncommitted L1 write
+/// ticket, or a [`Buffer`]), and that may move to another thread.
+///
+/// # Safety
+///
+/// Implementors guarantee that exclusivity: a tier writes these bytes from
+/// its own thread with no other synchronisation.
+pub unsafe trait Exclusive: ObjectBytes + Send + 'static {}
+
+/// What a read in flight owns, with its type erased for the trait.
+trait PendingRead: Send {
+    fn bytes(&self) -> &dyn ObjectBytes;
+    fn finish(self: Box<Self>, result: Result<(), TierReadError>);
+}
+
+struct Pending<D> {
+    into: D,
+    done: oneshot::Sender<(D, Result<(), TierReadError>)>,
+}
+
+impl<D: Exclusive> PendingRead for Pending<D> {
+    fn bytes(&self) -> &dyn ObjectBytes {
+        &self.into
+    }
+    fn finish(self: Box<Self>, result: Result<(), TierReadError>) {
+        // The requester may be gone (its actor stopped): the bytes then drop
+        // here, an uncommitted ticket discarding itself.
+        let _ = self.done.send((self.into, result));
+    }
+}
+
+/// One object to read from a tier into bytes nothing else touches.
+pub struct TierRead {
+    key: ObjectKey,
+    pending: Box<dyn PendingRead>,
+}
+
+/// Where a [`TierRead`]'s bytes come back, with its outcome.
+pub type ReadDone<D> = oneshot::Receiver<(D, Result<(), TierReadError>)>;
+
+impl TierRead {
+    /// A read of `key` into `into` (exactly the object's length).
+    pub fn new<D: Exclusive>(key: ObjectKey, into: D) -> (TierRead, ReadDone<D>) {
+        let (done, rx) = oneshot::channel();
+        (TierRead { key, pending: Box::new(Pending { into, done }) }, rx)
+    }
+
+    pub fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+
+    /// The bytes to fill: exclusive to this read until [`TierRead::finish`].
+    pub fn target(&self) -> &dyn ObjectBytes {
+        self.pending.bytes()
+    }
+
+    /// Hands the bytes back to the requester with the outcome.
+    pub fn finish(self, result: Result<(), TierReadError>) {
+        self.pending.finish(result);
+    }
+}
+
 /// A tier below L1. Lookups that miss L1 count the chunks a tier holds;
 /// retrieves read them back (and promote them into L1); stores are written
-/// behind to it. Implementations must never block the caller on I/O except
-/// in [`Tier::read_into`], and never call back into L1.
+/// behind to it. Implementations must never block the caller on I/O, and
+/// never call back into L1.
 pub trait Tier: Send + Sync {
     /// A short name for logs ("disk").
     fn name(&self) -> &'static str;
@@ -70,9 +139,10 @@ pub trait Tier: Send + Sync {
     /// must be a quick in-memory check.
     fn contains(&self, key: &ObjectKey) -> bool;
 
-    /// Reads `key` into `into` (exactly its length), verifying it; a corrupt
-    /// object is dropped and never returned. Blocks on I/O.
-    fn read_into(&self, key: &ObjectKey, into: &dyn ObjectBytes) -> Result<(), TierReadError>;
+    /// Reads an object on the tier's own threads, verifying it (a corrupt
+    /// object is dropped and never returned), and finishes `read` there.
+    /// Never blocks the caller.
+    fn read(&self, read: TierRead);
 
     /// Queues a committed object to be written behind; never blocks. Returns
     /// whether it was queued.
@@ -98,6 +168,8 @@ impl Buffer {
 unsafe impl Send for Buffer {}
 // SAFETY: `&Buffer` only exposes the pointer and length.
 unsafe impl Sync for Buffer {}
+// SAFETY: a Buffer's bytes are its own; nothing else holds its pointer.
+unsafe impl Exclusive for Buffer {}
 
 impl ObjectBytes for Buffer {
     fn as_ptr(&self) -> *mut u8 {
