@@ -19,7 +19,8 @@ pub enum BackendChoice {
     Cuda,
 }
 
-/// How a GPU worker moves blocks between device memory and pinned L1.
+/// How a device's copy lane (its GPU worker) moves blocks between device
+/// memory and pinned L1.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuCopy {
@@ -64,7 +65,7 @@ pub struct ServerConfig {
     /// Tokens per chunk (a whole number of every layout's blocks).
     pub chunk_tokens: u32,
     pub backend: BackendChoice,
-    /// Copy lanes (GPU-worker actors) of the host backend.
+    /// Host copy lanes (copy-lane actors for memfd memory).
     pub copy_lanes: u32,
     /// CUDA streams per direction (store, retrieve) of each GPU worker.
     pub gpu_streams: u32,

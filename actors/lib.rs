@@ -1,7 +1,7 @@
 //! kvcoord: a KV-cache coordinator for LLM inference, as an actix actor
 //! system.
 //!
-//! - [`server`]: the coordinator (supervisor, instance, GPU-worker and
+//! - [`server`]: the coordinator (supervisor, instance, copy-lane and
 //!   session actors, the L1 store). Start it with [`server::Coordinator::start`]
 //!   inside an actix `System`, or run the `kvcoord serve` binary.
 //! - [`client`]: the worker-client actor that a TP worker uses to register,

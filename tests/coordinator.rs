@@ -151,7 +151,8 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
 
     // Memory smaller than the layout.
     let small =
-        HostKvCache::create("small", kvcoord_memory::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_memory::Dtype::Bf16)).unwrap();
+        HostKvCache::create("small", kvcoord_memory::KvLayout::mha(2, 256, 16, 4, 64, kvcoord_memory::Dtype::Bf16))
+            .unwrap();
     let fd = small.fd().try_clone_to_owned().unwrap();
     let r = conn.request(register_body(key, layout, layout.total_bytes()), T, vec![fd]).await;
     assert_eq!(kind(r), ErrorKind::LayoutMismatch);
@@ -188,7 +189,7 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
     assert_eq!(kind(no_fd.await), ErrorKind::InvalidArgument, "host memory without its memfd");
     let release = conn.request(RequestBody::ReleaseLease { lease: LeaseId(12345) }, T, vec![]).await;
     assert_eq!(kind(release), ErrorKind::InvalidArgument);
-    let fault = conn.request(RequestBody::InjectFault(FaultTarget::GpuWorker(0)), T, vec![]).await;
+    let fault = conn.request(RequestBody::InjectFault(FaultTarget::CopyLane(0)), T, vec![]).await;
     assert_eq!(kind(fault), ErrorKind::Unauthorized, "fault injection is off by default");
 
     // The same connection still serves good requests.

@@ -72,7 +72,7 @@ struct ServeArgs {
     chunk_tokens: Option<u32>,
     #[arg(long, value_enum, env = "KVCOORD_BACKEND")]
     backend: Option<BackendChoice>,
-    /// Copy lanes (GPU-worker actors) of the host backend.
+    /// Host copy lanes (copy-lane actors for memfd memory).
     #[arg(long, env = "KVCOORD_COPY_LANES")]
     copy_lanes: Option<u32>,
     /// CUDA streams per direction (store, retrieve) of each GPU worker.

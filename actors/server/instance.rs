@@ -2,7 +2,8 @@
 //! and opened memory, validates every store and retrieve against the layout,
 //! reserves or reads L1 objects, has chunks missing from L1 read back from
 //! the tier below (on the tier's threads, awaited without blocking the
-//! actor), and hands the copy to its GPU worker.
+//! actor), and hands the copy to its copy lane (its device's GPU worker for
+//! CUDA memory).
 //!
 //! It must never copy bytes itself nor run a copy past its deadline. Its
 //! memory is shared with in-flight jobs through an `Arc`, so when the
@@ -20,9 +21,9 @@ use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
-use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob, ScatterSource};
-use super::keys::{ModelId, ObjectKey};
+use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::counters::Counters;
+use super::keys::{ModelId, ObjectKey};
 use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
 use super::tier::{Buffer, Tier, TierRead, WriteBehind};
@@ -75,7 +76,7 @@ pub struct InstanceActor {
     pub layout: KvLayout,
     pub chunk_tokens: u32,
     pub memory: OpenedMemory,
-    pub worker: Addr<GpuWorker>,
+    pub lane: Addr<CopyLane>,
     pub data: DataPath,
     notice: DeathNotice,
 }
@@ -88,13 +89,13 @@ impl InstanceActor {
         layout: KvLayout,
         chunk_tokens: u32,
         memory: OpenedMemory,
-        worker: Addr<GpuWorker>,
+        lane: Addr<CopyLane>,
         data: DataPath,
         supervisor: Recipient<ChildExited>,
         generation: u64,
     ) -> Self {
         let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
-        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, worker, data, notice }
+        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, lane, data, notice }
     }
 
     fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
@@ -159,8 +160,8 @@ fn read_back<D, E, R>(done: Result<(D, Result<(), E>), R>) -> Option<D> {
     }
 }
 
-fn worker_gone(_: MailboxError) -> WireError {
-    WireError::new(ErrorKind::Unavailable, "the copy worker restarted; retry")
+fn lane_gone(_: MailboxError) -> WireError {
+    WireError::new(ErrorKind::Unavailable, "the copy lane restarted; retry")
 }
 
 impl Handler<StoreChunks> for InstanceActor {
@@ -203,7 +204,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 gate: msg.gate,
             })
         })();
-        let (worker, data) = (self.worker.clone(), self.data.clone());
+        let (lane, data) = (self.lane.clone(), self.data.clone());
         let keys: Vec<ObjectKey> = msg.chunks.iter().map(|&h| self.object_key(h)).collect();
         let (model_name, world_size) = (self.model_name.clone(), self.world_size);
         Box::pin(async move {
@@ -211,7 +212,7 @@ impl Handler<StoreChunks> for InstanceActor {
             if job.tickets.iter().all(Option::is_none) {
                 return Ok(ReplyBody::Stored(job.outcomes));
             }
-            let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
+            let (outcomes, bytes) = lane.send(job).await.map_err(lane_gone)??;
             Counters::add(&data.counters.bytes_stored, bytes);
             if let Some(tier) = &data.lower_tier {
                 // Write behind: the store's reply does not wait for the tier.
@@ -237,7 +238,7 @@ impl Handler<RetrieveChunks> for InstanceActor {
             (blocks, sources)
         });
         let (layout, memory, gate) = (self.layout, self.memory.clone(), msg.gate);
-        let (worker, data, rank, lease) = (self.worker.clone(), self.data.clone(), self.key.rank, msg.lease);
+        let (lane, data, rank, lease) = (self.lane.clone(), self.data.clone(), self.key.rank, msg.lease);
         Box::pin(async move {
             let (blocks, sources) = prepared?;
             // Tier reads finish on the tier's threads; the lane only copies.
@@ -246,7 +247,7 @@ impl Handler<RetrieveChunks> for InstanceActor {
             let result = if job.objects.iter().all(Option::is_none) {
                 Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
             } else {
-                worker.send(job).await.map_err(worker_gone)?.map(|(o, bytes)| {
+                lane.send(job).await.map_err(lane_gone)?.map(|(o, bytes)| {
                     Counters::add(&data.counters.bytes_retrieved, bytes);
                     o
                 })

@@ -609,8 +609,10 @@ mod tests {
 
     #[test]
     fn eviction_takes_the_least_recent_and_never_a_leased_object() {
-        let l1 =
-            L1Store::new(Arena::new(3 * 4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)), Duration::from_secs(10));
+        let l1 = L1Store::new(
+            Arena::new(3 * 4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)),
+            Duration::from_secs(10),
+        );
         let m = l1.model_id("m", 1);
         let k = |n| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
         for n in 1..=3 {
@@ -627,7 +629,8 @@ mod tests {
 
     #[test]
     fn everything_pinned_means_no_space() {
-        let l1 = L1Store::new(Arena::new(4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)), Duration::from_secs(10));
+        let l1 =
+            L1Store::new(Arena::new(4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)), Duration::from_secs(10));
         let m = l1.model_id("m", 1);
         let k = |n| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
         store(&l1, k(1));
@@ -637,7 +640,8 @@ mod tests {
 
     #[test]
     fn an_object_evicted_while_read_keeps_its_bytes_until_the_reader_finishes() {
-        let l1 = L1Store::new(Arena::new(4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)), Duration::from_secs(10));
+        let l1 =
+            L1Store::new(Arena::new(4096, 4096, Box::new(kvcoord_memory::arena::HostSlabs)), Duration::from_secs(10));
         let m = l1.model_id("m", 1);
         let k = |n| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
         store(&l1, k(1));

@@ -4,14 +4,14 @@
 //!
 //! ```text
 //!   clients ──frames──> Session (one per connection) ──┬─> L1Store (lookups, leases: shared state)
-//!                                                      ├─> InstanceActor (one per TP rank) ──> GpuWorker (own thread)
+//!                                                      ├─> InstanceActor (one per TP rank) ──> CopyLane (own thread; a device's is its GPU worker)
 //!                                                      └─> Supervisor (registry, epoch, child lifetimes)
 //! ```
 
 pub mod admin;
+pub mod copy_lane;
 pub mod counters;
 pub mod disk;
-pub mod gpu_worker;
 pub mod instance;
 pub mod keys;
 pub mod l1;
@@ -40,9 +40,9 @@ use kvcoord_transport::{
 use tokio::sync::watch;
 
 use crate::config::{BackendChoice, ServerConfig};
+use counters::Counters;
 use l1::L1Store;
 use session::Session;
-use counters::Counters;
 use state::ServerShared;
 use supervisor::{GetStats, Supervisor};
 use tier::Tier;
@@ -125,7 +125,7 @@ const L1_SLAB_BYTES: u64 = 256 << 20;
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 impl Coordinator {
-    /// Starts a coordinator: supervisor, GPU workers, listeners. Call inside
+    /// Starts a coordinator: supervisor, copy lanes, listeners. Call inside
     /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
     pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
         config.validate()?;

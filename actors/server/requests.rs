@@ -17,9 +17,9 @@ use actix::prelude::*;
 use kvcoord_transport::{ErrorKind, ReplyBody, Request, RequestBody, WireError};
 use tokio::time::Instant;
 
-use super::gpu_worker::JobGate;
-use super::instance::{self, InstanceActor};
+use super::copy_lane::JobGate;
 use super::counters::Counters;
+use super::instance::{self, InstanceActor};
 use super::state::{InstanceRoute, ServerShared};
 use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 

@@ -45,7 +45,7 @@ pub struct ServerShared {
     pub epoch: ServerEpoch,
     pub config: ServerConfig,
     pub backend: &'static str,
-    /// The CUDA devices served (empty on the host backend), one GPU worker each.
+    /// The CUDA devices served (empty on the host backend), one copy lane (GPU worker) each.
     pub devices: Vec<Arc<kvcoord_memory::cuda::CudaDevice>>,
     pub l1: Arc<L1Store>,
     pub routes: DashMap<InstanceKey, InstanceRoute>,

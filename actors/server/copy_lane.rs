@@ -1,13 +1,15 @@
-//! The GPU-worker actor: one per CUDA device (and, for memfd clients, one
-//! per host copy lane), each on its own arbiter thread. It opens registered
-//! memory and runs the gathers (store) and scatters (retrieve) of the
-//! instances routed to it.
+//! The copy-lane actor: each lane runs on its own arbiter thread, opens the
+//! registered memory of the instances routed to it and runs their gathers
+//! (store) and scatters (retrieve). There are two kinds of lane:
 //!
-//! On a device it owns the [`CopyEngine`] (context, store stream,
-//! higher-priority retrieve stream, copy kernel): a job is queued on the GPU
-//! and the worker moves on; the job's reply is built when the engine hands
-//! back its payload after the copy finished, so "done" and the bytes arrive
-//! as one value. On a host lane it copies on its own thread.
+//! - a **host copy lane** (`--copy-lanes` of them) copies memfd memory with
+//!   the CPU, on its own thread;
+//! - a **device lane**, one per CUDA device, is "the GPU worker" of that
+//!   device: it owns the device's [`CopyEngine`] (context, store streams,
+//!   higher-priority retrieve streams, copy kernel). A job is queued on the
+//!   GPU and the lane moves on; the job's reply is built when the engine
+//!   hands back its payload after the copy finished, so "done" and the bytes
+//!   arrive as one value.
 //!
 //! It must never touch the index except through the write tickets and object
 //! handles a job carries, never start a job whose deadline path cancelled
@@ -31,7 +33,7 @@ use super::l1::{ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
 use super::tier::Buffer;
 
-/// Decides, exactly once, whether a copy job runs or is cancelled: the worker
+/// Decides, exactly once, whether a copy job runs or is cancelled: the lane
 /// calls `start`, the request's deadline path calls `cancel`; whichever comes
 /// first wins. A retrieve that has started is always waited for, so a client
 /// told "timeout" never has its blocks written afterwards.
@@ -71,7 +73,7 @@ pub enum OpenedMemory {
     Cuda(Arc<IpcKvMemory>),
 }
 
-/// Open registered memory on this worker's device.
+/// Open registered memory on this lane (its device, for CUDA memory).
 #[derive(Message)]
 #[rtype(result = "Result<(OpenedMemory, MemoryIdentity), WireError>")]
 pub struct OpenMemory {
@@ -125,7 +127,7 @@ pub struct ScatterJob {
 #[rtype(result = "()")]
 pub struct Crash;
 
-/// What a worker copies with.
+/// What a lane copies with.
 enum Copier {
     /// Its own thread (memfd memory).
     Host,
@@ -133,16 +135,16 @@ enum Copier {
     Cuda(Arc<CudaDevice>, Result<CopyEngine, String>),
 }
 
-pub struct GpuWorker {
+pub struct CopyLane {
     lane: u32,
     copier: Copier,
     _notice: DeathNotice,
 }
 
-impl GpuWorker {
-    /// A worker for lane `lane`: a device's (with that many streams per
+impl CopyLane {
+    /// Lane `lane`: a device's GPU worker (with that many streams per
     /// direction and that copy method) when `device` is given, else a host
-    /// copy lane. Call on the worker's own arbiter thread.
+    /// copy lane. Call on the lane's own arbiter thread.
     pub fn new(
         lane: u32,
         generation: u64,
@@ -159,7 +161,7 @@ impl GpuWorker {
                 Copier::Cuda(d, engine)
             }
         };
-        GpuWorker { lane, copier, _notice: DeathNotice::new(supervisor, ChildExited::Worker { lane, generation }) }
+        CopyLane { lane, copier, _notice: DeathNotice::new(supervisor, ChildExited::CopyLane { lane, generation }) }
     }
 
     fn engine(&self) -> Result<&CopyEngine, WireError> {
@@ -171,7 +173,7 @@ impl GpuWorker {
     }
 }
 
-impl Actor for GpuWorker {
+impl Actor for CopyLane {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Self::Context) {
@@ -188,7 +190,7 @@ fn cancelled() -> WireError {
     WireError::new(ErrorKind::Timeout, "deadline passed before the copy started")
 }
 
-impl Handler<OpenMemory> for GpuWorker {
+impl Handler<OpenMemory> for CopyLane {
     type Result = Result<(OpenedMemory, MemoryIdentity), WireError>;
 
     fn handle(&mut self, msg: OpenMemory, _: &mut Self::Context) -> Self::Result {
@@ -218,7 +220,7 @@ impl Handler<OpenMemory> for GpuWorker {
                     return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to a host copy lane"));
                 };
                 if device.uuid() != device_uuid {
-                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to another device's worker"));
+                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to another device's lane"));
                 }
                 let identity = MemoryIdentity::Cuda(layers.iter().map(|l| l.handle.clone()).collect());
                 let mem = IpcKvMemory::open(device.clone(), &msg.layout, &layers).map_err(|e| match e {
@@ -236,7 +238,7 @@ fn internal(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorKind::Internal, e.to_string())
 }
 
-impl Handler<GatherJob> for GpuWorker {
+impl Handler<GatherJob> for CopyLane {
     type Result = ResponseFuture<Result<(Vec<StoreOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: GatherJob, _: &mut Self::Context) -> Self::Result {
@@ -331,7 +333,7 @@ fn gather_on_device(
     Ok(rx)
 }
 
-impl Handler<ScatterJob> for GpuWorker {
+impl Handler<ScatterJob> for CopyLane {
     type Result = ResponseFuture<Result<(Vec<RetrieveOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: ScatterJob, _: &mut Self::Context) -> Self::Result {
@@ -446,10 +448,10 @@ fn scatter_on_device(
     Ok(rx)
 }
 
-impl Handler<Crash> for GpuWorker {
+impl Handler<Crash> for CopyLane {
     type Result = ();
 
     fn handle(&mut self, _: Crash, _: &mut Self::Context) {
-        panic!("injected fault: gpu worker {} crashes", self.lane);
+        panic!("injected fault: copy lane {} crashes", self.lane);
     }
 }
