@@ -20,23 +20,33 @@ pub enum BackendChoice {
 }
 
 /// How a device's copy lane (its GPU worker) moves blocks between device
-/// memory and pinned L1.
+/// memory and pinned L1: the configurable subset of the engine's
+/// [`CopyMethod`](kvcoord_memory::cuda::CopyMethod), with the same names.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuCopy {
-    /// Kernel gathers into a device staging buffer, then one contiguous DMA
-    /// per object (and the reverse); 64 MiB of device memory per stream.
+    /// The copy kernel gathers into a device staging buffer, then one
+    /// contiguous DMA per object (and the reverse); 64 MiB of device memory
+    /// per stream. [`CopyMethod::Staged`](kvcoord_memory::cuda::CopyMethod::Staged).
     Staged,
-    /// Kernel copies straight between device blocks and pinned host memory;
-    /// no device memory of its own.
+    /// The copy kernel copies straight between device blocks and pinned host
+    /// memory; no device memory of its own.
+    /// [`CopyMethod::Direct`](kvcoord_memory::cuda::CopyMethod::Direct).
     Direct,
 }
 
 impl GpuCopy {
+    /// The engine's method of the same name.
     pub fn method(self) -> kvcoord_memory::cuda::CopyMethod {
-        match self {
+        self.into()
+    }
+}
+
+impl From<GpuCopy> for kvcoord_memory::cuda::CopyMethod {
+    fn from(c: GpuCopy) -> Self {
+        match c {
             GpuCopy::Staged => kvcoord_memory::cuda::CopyMethod::Staged,
-            GpuCopy::Direct => kvcoord_memory::cuda::CopyMethod::Kernel,
+            GpuCopy::Direct => kvcoord_memory::cuda::CopyMethod::Direct,
         }
     }
 }
