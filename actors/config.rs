@@ -169,6 +169,10 @@ impl ServerConfig {
         if self.max_chunks_per_request == 0 {
             return bad("max_chunks_per_request", "must be positive");
         }
+        // Request deadlines are clamped to [1, max_deadline_ms].
+        if self.max_deadline_ms == 0 {
+            return bad("max_deadline_ms", "must be positive");
+        }
         if self.socket.as_os_str().is_empty() {
             return bad("socket", "must not be empty");
         }
@@ -209,5 +213,20 @@ mod tests {
         assert!(toml::from_str::<ServerConfig>("l1_sise = 3").unwrap_err().to_string().contains("l1_sise"));
         let c = ServerConfig { copy_lanes: 0, ..Default::default() };
         assert_eq!(c.validate().unwrap_err().key, "copy_lanes");
+    }
+
+    #[test]
+    fn values_that_would_panic_later_are_refused() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let c = ServerConfig { max_deadline_ms: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_deadline_ms", "clamp(1, 0) would panic on every request");
+        let c = ServerConfig { max_deadline_ms: 1, ..Default::default() };
+        assert!(c.validate().is_ok());
+        let c = ServerConfig { max_chunks_per_request: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_chunks_per_request");
+        let c = ServerConfig { max_frame_bytes: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_frame_bytes");
+        let c = ServerConfig { chunk_tokens: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "chunk_tokens");
     }
 }
