@@ -258,6 +258,6 @@ fn a_bad_config_value_fails_start_naming_the_key() {
         .args(["serve", "--copy-lanes", "0", "--socket", "/tmp/kvcoord-never.sock"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a configuration error exits 2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("copy_lanes"));
 }

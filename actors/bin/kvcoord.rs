@@ -168,12 +168,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `kvcoord serve`'s exit status for a configuration it cannot use.
+const EXIT_CONFIG: u8 = 2;
+
 fn serve(args: ServeArgs) -> ExitCode {
     let config = match args.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kvcoord: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     if args.print_config {
@@ -207,7 +210,11 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let code = match cli.command {
+    // Each subcommand's own status is the process's (a configuration error
+    // is 2, not 1). Returning from `main` exits like `std::process::exit`
+    // (std's cleanup, then libc `exit`): copy-lane arbiter threads are not
+    // joined either way.
+    match cli.command {
         Command::Serve(args) => serve(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
@@ -216,7 +223,5 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
         Command::GpuWorker(args) => gpu_check::worker(args),
-    };
-    // Copy-lane arbiter threads need no orderly join at exit.
-    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+    }
 }
