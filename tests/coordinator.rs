@@ -261,3 +261,31 @@ fn a_bad_config_value_fails_start_naming_the_key() {
     assert_eq!(out.status.code(), Some(2), "a configuration error exits 2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("copy_lanes"));
 }
+
+#[test]
+fn the_request_limits_have_flags_and_environment_variables() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--print-config", "--max-frame-bytes", "65536", "--max-chunks-per-request", "64"])
+        .args(["--fault-injection"])
+        .env("KVCOORD_MAX_DEADLINE_MS", "5000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = String::from_utf8_lossy(&out.stdout);
+    for line in
+        ["max_frame_bytes = 65536", "max_chunks_per_request = 64", "max_deadline_ms = 5000", "fault_injection = true"]
+    {
+        assert!(config.contains(line), "{line} missing from\n{config}");
+    }
+    let old = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--print-config", "--enable-fault-injection"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&old.stdout).contains("fault_injection = true"), "the old spelling still works");
+    let zero = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--max-deadline-ms", "0", "--socket", "/tmp/kvcoord-never.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("max_deadline_ms"));
+}

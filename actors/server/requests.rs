@@ -160,7 +160,7 @@ pub async fn serve(
             if !shared.config.fault_injection {
                 return Err(WireError::new(
                     ErrorKind::Unauthorized,
-                    "fault injection is disabled (start the server with --enable-fault-injection)",
+                    "fault injection is disabled (start the server with --fault-injection)",
                 ));
             }
             control(supervisor.send(InjectFault(target)).await)
