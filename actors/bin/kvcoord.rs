@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the main job on an embedded default: a coordinator child process,
     /// TP worker clients, a prefix-caching workload, and a SIGKILL + restart
     /// of the coordinator in the middle.
@@ -228,7 +228,7 @@ fn main() -> ExitCode {
     // (std's cleanup, then libc `exit`): copy-lane arbiter threads are not
     // joined either way.
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Status(args) => status::run(args),

@@ -1,12 +1,29 @@
 //! The coordinator: starting the actor system's server side inside an actix
 //! `System` (the standalone binary and embedding applications use the same
-//! entry point), accepting connections, and shutting down gracefully.
+//! entry point), accepting connections, and shutting down gracefully. This
+//! file is the only one that names a concrete tier (the disk); it must never
+//! serve a request itself.
 //!
 //! ```text
 //!   clients ──frames──> Session (one per connection) ──┬─> L1Store (lookups, leases: shared state)
-//!                                                      ├─> InstanceActor (one per TP rank) ──> CopyLane (own thread; a device's is its GPU worker)
+//!                                                      ├─> InstanceActor (one per TP rank) ──> CopyLane (own thread)
+//!                                                      │        └─> Tier (disk reads, on the tier's threads)
 //!                                                      └─> Supervisor (registry, epoch, child lifetimes)
 //! ```
+//!
+//! Where things are (a request's path, top to bottom):
+//!
+//! - `session.rs`: one actor per connection; frames in, one reply out per request.
+//! - `requests.rs`: each operation's validation, routing and deadline.
+//! - `supervisor.rs`: registrations, the epoch, starting and restarting children;
+//!   `supervision.rs`: how it learns a child died; `routing.rs`: which lane
+//!   a registration's copies go to.
+//! - `instance.rs`: one actor per registered TP rank; prepares copies.
+//! - `copy_lane.rs`: the actor that copies (a host lane, or a device's GPU worker).
+//! - `l1.rs`: the L1 index, eviction, leases; `keys.rs`: object keys.
+//! - `tier.rs`: the interface of a tier below L1; `disk.rs`: the disk tier.
+//! - `state.rs`: what every actor reads (config, L1, routes); `counters.rs`,
+//!   `metrics.rs`: counts and Prometheus; `admin.rs`: the admin HTTP API.
 
 pub mod admin;
 pub mod copy_lane;
