@@ -19,23 +19,34 @@ pub enum BackendChoice {
     Cuda,
 }
 
-/// How a GPU worker moves blocks between device memory and pinned L1.
+/// How a device's copy lane (its GPU worker) moves blocks between device
+/// memory and pinned L1: the configurable subset of the engine's
+/// [`CopyMethod`](kvcoord_memory::cuda::CopyMethod), with the same names.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuCopy {
-    /// Kernel gathers into a device staging buffer, then one contiguous DMA
-    /// per object (and the reverse); 64 MiB of device memory per stream.
+    /// The copy kernel gathers into a device staging buffer, then one
+    /// contiguous DMA per object (and the reverse); 64 MiB of device memory
+    /// per stream. [`CopyMethod::Staged`](kvcoord_memory::cuda::CopyMethod::Staged).
     Staged,
-    /// Kernel copies straight between device blocks and pinned host memory;
-    /// no device memory of its own.
+    /// The copy kernel copies straight between device blocks and pinned host
+    /// memory; no device memory of its own.
+    /// [`CopyMethod::Direct`](kvcoord_memory::cuda::CopyMethod::Direct).
     Direct,
 }
 
 impl GpuCopy {
+    /// The engine's method of the same name.
     pub fn method(self) -> kvcoord_memory::cuda::CopyMethod {
-        match self {
+        self.into()
+    }
+}
+
+impl From<GpuCopy> for kvcoord_memory::cuda::CopyMethod {
+    fn from(c: GpuCopy) -> Self {
+        match c {
             GpuCopy::Staged => kvcoord_memory::cuda::CopyMethod::Staged,
-            GpuCopy::Direct => kvcoord_memory::cuda::CopyMethod::Kernel,
+            GpuCopy::Direct => kvcoord_memory::cuda::CopyMethod::Direct,
         }
     }
 }
@@ -64,7 +75,7 @@ pub struct ServerConfig {
     /// Tokens per chunk (a whole number of every layout's blocks).
     pub chunk_tokens: u32,
     pub backend: BackendChoice,
-    /// Copy lanes (GPU-worker actors) of the host backend.
+    /// Host copy lanes (copy-lane actors for memfd memory).
     pub copy_lanes: u32,
     /// CUDA streams per direction (store, retrieve) of each GPU worker.
     pub gpu_streams: u32,
@@ -158,6 +169,10 @@ impl ServerConfig {
         if self.max_chunks_per_request == 0 {
             return bad("max_chunks_per_request", "must be positive");
         }
+        // Request deadlines are clamped to [1, max_deadline_ms].
+        if self.max_deadline_ms == 0 {
+            return bad("max_deadline_ms", "must be positive");
+        }
         if self.socket.as_os_str().is_empty() {
             return bad("socket", "must not be empty");
         }
@@ -198,5 +213,20 @@ mod tests {
         assert!(toml::from_str::<ServerConfig>("l1_sise = 3").unwrap_err().to_string().contains("l1_sise"));
         let c = ServerConfig { copy_lanes: 0, ..Default::default() };
         assert_eq!(c.validate().unwrap_err().key, "copy_lanes");
+    }
+
+    #[test]
+    fn values_that_would_panic_later_are_refused() {
+        assert!(ServerConfig::default().validate().is_ok());
+        let c = ServerConfig { max_deadline_ms: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_deadline_ms", "clamp(1, 0) would panic on every request");
+        let c = ServerConfig { max_deadline_ms: 1, ..Default::default() };
+        assert!(c.validate().is_ok());
+        let c = ServerConfig { max_chunks_per_request: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_chunks_per_request");
+        let c = ServerConfig { max_frame_bytes: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "max_frame_bytes");
+        let c = ServerConfig { chunk_tokens: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().key, "chunk_tokens");
     }
 }

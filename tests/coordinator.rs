@@ -189,7 +189,7 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
     assert_eq!(kind(no_fd.await), ErrorKind::InvalidArgument, "host memory without its memfd");
     let release = conn.request(RequestBody::ReleaseLease { lease: LeaseId(12345) }, T, vec![]).await;
     assert_eq!(kind(release), ErrorKind::InvalidArgument);
-    let fault = conn.request(RequestBody::InjectFault(FaultTarget::GpuWorker(0)), T, vec![]).await;
+    let fault = conn.request(RequestBody::InjectFault(FaultTarget::CopyLane(0)), T, vec![]).await;
     assert_eq!(kind(fault), ErrorKind::Unauthorized, "fault injection is off by default");
 
     // The same connection still serves good requests.
@@ -258,6 +258,34 @@ fn a_bad_config_value_fails_start_naming_the_key() {
         .args(["serve", "--copy-lanes", "0", "--socket", "/tmp/kvcoord-never.sock"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a configuration error exits 2");
     assert!(String::from_utf8_lossy(&out.stderr).contains("copy_lanes"));
+}
+
+#[test]
+fn the_request_limits_have_flags_and_environment_variables() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--print-config", "--max-frame-bytes", "65536", "--max-chunks-per-request", "64"])
+        .args(["--fault-injection"])
+        .env("KVCOORD_MAX_DEADLINE_MS", "5000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = String::from_utf8_lossy(&out.stdout);
+    for line in
+        ["max_frame_bytes = 65536", "max_chunks_per_request = 64", "max_deadline_ms = 5000", "fault_injection = true"]
+    {
+        assert!(config.contains(line), "{line} missing from\n{config}");
+    }
+    let old = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--print-config", "--enable-fault-injection"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&old.stdout).contains("fault_injection = true"), "the old spelling still works");
+    let zero = std::process::Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+        .args(["serve", "--max-deadline-ms", "0", "--socket", "/tmp/kvcoord-never.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("max_deadline_ms"));
 }

@@ -168,8 +168,8 @@ async fn an_injected_actor_crash_causes_one_reregistration_per_affected_client()
     b.store_prefix(&h).await.expect("the other client is unaffected");
     assert_eq!(b.client.reregistrations(), 0);
 
-    // A GPU worker crash drops the instances routed to it (one of the two).
-    b.client.inject_fault(FaultTarget::GpuWorker(0)).await.unwrap();
+    // A copy-lane crash drops the instances routed to it (one of the two).
+    b.client.inject_fault(FaultTarget::CopyLane(0)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let h2 = prefix_hashes("test-model", 300, 1, 2, 256);
     a.store_prefix(&h2).await.expect("a serves after the worker restart");

@@ -35,7 +35,7 @@ pub struct ServeArgs {
     chunk_tokens: Option<u32>,
     #[arg(long, value_enum, env = "KVCOORD_BACKEND")]
     backend: Option<BackendChoice>,
-    /// Copy lanes (GPU-worker actors) of the host backend.
+    /// Host copy lanes (copy-lane actors for memfd memory).
     #[arg(long, env = "KVCOORD_COPY_LANES")]
     copy_lanes: Option<u32>,
     /// CUDA streams per direction (store, retrieve) of each GPU worker.
@@ -53,9 +53,19 @@ pub struct ServeArgs {
     /// Milliseconds a graceful shutdown waits for in-flight requests.
     #[arg(long, env = "KVCOORD_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// Largest frame accepted or sent, in bytes (4 KiB to 64 MiB).
+    #[arg(long, env = "KVCOORD_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<u32>,
+    /// Most chunks one store, retrieve or lookup may name.
+    #[arg(long, env = "KVCOORD_MAX_CHUNKS_PER_REQUEST")]
+    max_chunks_per_request: Option<u32>,
+    /// Upper bound, in milliseconds, on any request's deadline (positive).
+    #[arg(long, env = "KVCOORD_MAX_DEADLINE_MS")]
+    max_deadline_ms: Option<u64>,
     /// Accept fault-injection requests (for tests; never in production).
-    #[arg(long, env = "KVCOORD_FAULT_INJECTION")]
-    enable_fault_injection: bool,
+    /// `--enable-fault-injection` is an older spelling of the same flag.
+    #[arg(long, alias = "enable-fault-injection", env = "KVCOORD_FAULT_INJECTION")]
+    fault_injection: bool,
     /// Admin HTTP API address (`host:port`), or `off`.
     #[arg(long, env = "KVCOORD_ADMIN")]
     admin: Option<String>,
@@ -96,7 +106,10 @@ impl ServeArgs {
             lease_ttl_ms,
             shutdown_timeout_ms,
             log_format,
-            disk_size
+            disk_size,
+            max_frame_bytes,
+            max_chunks_per_request,
+            max_deadline_ms
         );
         if self.disk_dir.is_some() {
             c.disk_dir = self.disk_dir.clone();
@@ -110,7 +123,7 @@ impl ServeArgs {
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token.clone();
         }
-        if self.enable_fault_injection {
+        if self.fault_injection {
             c.fault_injection = true;
         }
         if self.l1_prealloc {

@@ -19,7 +19,13 @@
 //! least recently used files. A failed write (disk full, I/O error) is
 //! counted and logged; the object simply stays L1-only.
 //!
-//! This module must never hold the L1 lock while doing I/O.
+//! Reads run on [`READER_THREADS`] reader threads of their own, never on the
+//! caller's thread nor a copy lane: a retrieve asks for a read, and the
+//! bytes come back through the read's one-shot channel.
+//!
+//! It implements [`Tier`]; nothing above it names `DiskTier` except the
+//! coordinator's start. This module must never hold the L1 lock while doing
+//! I/O, and never import L1 or an actor.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -34,9 +40,14 @@ use kvcoord_transport::ChunkHash;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::l1::{L1Store, ObjectKey, ReadGuard};
+use super::keys::{ModelId, ObjectKey};
+use super::tier::{Tier, TierRead, TierReadError, TierStats, WriteBehind};
 
 const MAGIC: &[u8; 4] = b"KVC1";
+/// Threads reading objects back for retrieves (each read is one file's
+/// open, read and checksum; a few in parallel keep a retrieve of many chunks
+/// from queueing behind one slow read).
+pub const READER_THREADS: usize = 4;
 const MAX_HEADER: u32 = 4096;
 
 #[derive(Serialize, Deserialize)]
@@ -56,41 +67,26 @@ struct Entry {
 
 /// Counters for stats.
 #[derive(Default)]
-pub struct DiskCounters {
-    pub hits: AtomicU64,
-    pub writes: AtomicU64,
-    pub write_errors: AtomicU64,
-    pub corrupt: AtomicU64,
-    pub recovered: AtomicU64,
-    pub skipped: AtomicU64,
-    pub evictions: AtomicU64,
+struct DiskCounters {
+    hits: AtomicU64,
+    writes: AtomicU64,
+    write_errors: AtomicU64,
+    corrupt: AtomicU64,
+    recovered: AtomicU64,
+    skipped: AtomicU64,
+    evictions: AtomicU64,
 }
 
-/// One object to write.
-pub struct WriteJob {
-    pub key: ObjectKey,
-    pub model: Arc<str>,
-    pub world_size: u32,
-    pub object: ReadGuard,
-}
-
-/// Why an object could not be read back.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskReadError {
-    #[error("not on disk")]
-    Missing,
-    #[error("corrupt object {0} dropped")]
-    Corrupt(String),
-}
-
+/// The disk tier. Share it as `Arc<dyn Tier>`.
 pub struct DiskTier {
     dir: PathBuf,
     capacity: u64,
     index: Mutex<DiskIndex>,
-    queue: std::sync::mpsc::SyncSender<WriteJob>,
+    queue: std::sync::mpsc::SyncSender<WriteBehind>,
+    reads: std::sync::mpsc::Sender<TierRead>,
     backlog: AtomicU64,
     max_backlog: u64,
-    pub counters: DiskCounters,
+    counters: DiskCounters,
 }
 
 struct DiskIndex {
@@ -136,20 +132,30 @@ fn read_header(file: &mut File) -> std::io::Result<Option<(Header, Vec<u8>)>> {
 
 impl DiskTier {
     /// Opens (creating) `dir`, rebuilds the index from the files there, and
-    /// starts the writer thread. Files that cannot be valid are deleted.
-    pub fn open(dir: &Path, capacity: u64, l1: &L1Store) -> std::io::Result<Arc<DiskTier>> {
+    /// starts the writer and reader threads. Files that cannot be valid are
+    /// deleted.
+    /// `l1_capacity` bounds the write-behind backlog (queued objects hold L1
+    /// memory); `model_id` interns a file's (model, world size).
+    pub fn open(
+        dir: &Path,
+        capacity: u64,
+        l1_capacity: u64,
+        model_id: &dyn Fn(&str, u32) -> ModelId,
+    ) -> std::io::Result<Arc<DiskTier>> {
         std::fs::create_dir_all(dir)?;
         let started = Instant::now();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(4096);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteBehind>(4096);
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<TierRead>();
         let tier = Arc::new(DiskTier {
             dir: dir.to_path_buf(),
             capacity,
             index: Mutex::new(DiskIndex { entries: HashMap::default(), used: 0, tick: 0 }),
             queue: tx,
+            reads: read_tx,
             backlog: AtomicU64::new(0),
             // Queued objects hold L1 memory (a read guard each): a quarter of
             // L1 at most, so the backlog can never starve stores.
-            max_backlog: (capacity / 4).min(l1.usage().capacity / 4).clamp(32 << 20, 1 << 30),
+            max_backlog: (capacity / 4).min(l1_capacity / 4).clamp(32 << 20, 1 << 30),
             counters: DiskCounters::default(),
         });
         let (mut recovered, mut dropped, mut scanned) = (0u64, 0u64, 0u64);
@@ -182,7 +188,7 @@ impl DiskTier {
                     let age = mtime
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_micros() as u64);
-                    let key = ObjectKey { model: l1.model_id(&h.model, h.world_size), rank: h.rank, hash: h.hash };
+                    let key = ObjectKey { model: model_id(&h.model, h.world_size), rank: h.rank, hash: h.hash };
                     found.push((key, Entry { file: name, bytes: size, last_used: age }));
                     recovered += 1;
                 }
@@ -216,13 +222,29 @@ impl DiskTier {
                 writer.write(job);
             }
         })?;
+        // Readers hold the tier weakly: they end when it goes (its sender
+        // drops) and answer any read still queued then as failed.
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for i in 0..READER_THREADS {
+            let (reads, tier) = (read_rx.clone(), Arc::downgrade(&tier));
+            std::thread::Builder::new().name(format!("kvcoord-disk-read-{i}")).spawn(move || loop {
+                let Ok(read) = reads.lock().recv() else { return };
+                match tier.upgrade() {
+                    Some(t) => {
+                        let result = t.read_file(read.key(), read.target());
+                        read.finish(result);
+                    }
+                    None => read.finish(Err(TierReadError::Missing)),
+                }
+            })?;
+        }
         Ok(tier)
     }
 
     /// Queues a committed object for writing; never blocks. Returns whether
     /// it was queued.
-    pub fn enqueue(&self, job: WriteJob) -> bool {
-        if self.contains(&job.key) {
+    fn enqueue(&self, job: WriteBehind) -> bool {
+        if self.holds(&job.key) {
             return false;
         }
         let bytes = job.object.len() as u64;
@@ -239,11 +261,11 @@ impl DiskTier {
         true
     }
 
-    pub fn contains(&self, key: &ObjectKey) -> bool {
+    fn holds(&self, key: &ObjectKey) -> bool {
         self.index.lock().entries.contains_key(key)
     }
 
-    fn write(&self, job: WriteJob) {
+    fn write(&self, job: WriteBehind) {
         let bytes = job.object.len() as u64;
         let name = file_name(&job.model, job.world_size, job.key.rank, &job.key.hash);
         let result = self.write_file(&name, &job);
@@ -271,7 +293,7 @@ impl DiskTier {
         }
     }
 
-    fn write_file(&self, name: &str, job: &WriteJob) -> std::io::Result<u64> {
+    fn write_file(&self, name: &str, job: &WriteBehind) -> std::io::Result<u64> {
         let header = Header {
             model: job.model.to_string(),
             world_size: job.world_size,
@@ -334,12 +356,12 @@ impl DiskTier {
 
     /// Reads an object into `dst` (exactly its length), verifying the
     /// checksum. A corrupt object is deleted and never returned.
-    pub fn read_into(&self, key: &ObjectKey, dst: &dyn ObjectBytes) -> Result<(), DiskReadError> {
+    fn read_file(&self, key: &ObjectKey, dst: &dyn ObjectBytes) -> Result<(), TierReadError> {
         let file = {
             let mut ix = self.index.lock();
             ix.tick += 1;
             let tick = ix.tick;
-            let e = ix.entries.get_mut(key).ok_or(DiskReadError::Missing)?;
+            let e = ix.entries.get_mut(key).ok_or(TierReadError::Missing)?;
             e.last_used = tick;
             e.file.clone()
         };
@@ -349,8 +371,9 @@ impl DiskTier {
             if h.payload != dst.len() as u64 || h.rank != key.rank || h.hash != key.hash {
                 return None;
             }
-            // SAFETY: `dst` is a write ticket (exclusive until commit) or a
-            // buffer this thread owns, of exactly `dst.len()` bytes.
+            // SAFETY: `dst` is a read's target, `Exclusive` bytes (a write
+            // ticket, or a buffer) that nothing else touches until the read
+            // finishes, of exactly `dst.len()` bytes.
             let out = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr(), dst.len()) };
             f.read_exact(out).ok()?;
             let mut stored = [0u8; 32];
@@ -367,49 +390,92 @@ impl DiskTier {
             }
             None => {
                 self.drop_corrupt(key, &file);
-                Err(DiskReadError::Corrupt(file))
+                Err(TierReadError::Corrupt(file))
             }
         }
     }
+}
 
-    /// (capacity, used bytes, objects, backlog bytes).
-    pub fn usage(&self) -> (u64, u64, u64, u64) {
-        let ix = self.index.lock();
-        (self.capacity, ix.used, ix.entries.len() as u64, self.backlog.load(Ordering::Relaxed))
+impl Tier for DiskTier {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    fn contains(&self, key: &ObjectKey) -> bool {
+        self.holds(key)
+    }
+
+    fn read(&self, read: TierRead) {
+        if let Err(std::sync::mpsc::SendError(read)) = self.reads.send(read) {
+            read.finish(Err(TierReadError::Missing));
+        }
+    }
+
+    fn write_behind(&self, job: WriteBehind) -> bool {
+        self.enqueue(job)
+    }
+
+    fn stats(&self) -> TierStats {
+        let (used, objects) = {
+            let ix = self.index.lock();
+            (ix.used, ix.entries.len() as u64)
+        };
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TierStats {
+            capacity: self.capacity,
+            used,
+            objects,
+            backlog: get(&self.backlog),
+            hits: get(&c.hits),
+            writes: get(&c.writes),
+            write_errors: get(&c.write_errors),
+            corrupt: get(&c.corrupt),
+            recovered: get(&c.recovered),
+            skipped: get(&c.skipped),
+            evictions: get(&c.evictions),
+        }
     }
 }
 
-/// Owned bytes to read a disk object into when L1 has no room for it.
-pub struct Buffer {
-    ptr: *mut u8,
-    len: usize,
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-impl Buffer {
-    pub fn zeroed(len: usize) -> Self {
-        let ptr = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
-        Buffer { ptr, len }
+    use super::*;
+    use crate::server::tier::Buffer;
+
+    fn filled(len: usize, byte: u8) -> Buffer {
+        let b = Buffer::zeroed(len);
+        // SAFETY: the buffer was just made and is ours alone.
+        unsafe { std::ptr::write_bytes(b.as_ptr(), byte, len) };
+        b
     }
-}
 
-// SAFETY: a Buffer uniquely owns its heap bytes (like a Box<[u8]>).
-unsafe impl Send for Buffer {}
-// SAFETY: `&Buffer` only exposes the pointer and length.
-unsafe impl Sync for Buffer {}
+    #[test]
+    fn written_behind_objects_read_back_through_the_reader_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = DiskTier::open(dir.path(), 1 << 30, 1 << 30, &|_, _| ModelId(0)).unwrap();
+        let key = ObjectKey { model: ModelId(0), rank: 0, hash: ChunkHash([7; 32]) };
+        let job = WriteBehind { key, model: "m".into(), world_size: 1, object: Box::new(filled(4096, 0xAB)) };
+        assert!(tier.write_behind(job));
+        let t = Instant::now();
+        while !tier.contains(&key) {
+            assert!(t.elapsed() < Duration::from_secs(10), "the write-behind never landed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (read, done) = TierRead::new(key, Buffer::zeroed(4096));
+        tier.read(read);
+        let (buf, result) = done.blocking_recv().expect("every read is answered");
+        result.unwrap();
+        // SAFETY: the read finished and handed the buffer back.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) };
+        assert!(bytes.iter().all(|&b| b == 0xAB));
+        assert_eq!(tier.stats().hits, 1);
 
-impl ObjectBytes for Buffer {
-    fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` and `len` came from `Box::into_raw` of a boxed slice
-        // of exactly `len` bytes in `zeroed`, and are freed only here.
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+        let other = ObjectKey { hash: ChunkHash([8; 32]), ..key };
+        let (read, done) = TierRead::new(other, Buffer::zeroed(4096));
+        tier.read(read);
+        assert!(matches!(done.blocking_recv().unwrap().1, Err(TierReadError::Missing)));
     }
 }

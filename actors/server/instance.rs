@@ -1,24 +1,32 @@
 //! The instance actor: one per registered TP rank. It holds the rank's layout
 //! and opened memory, validates every store and retrieve against the layout,
-//! reserves or reads L1 objects, and hands the copy to its GPU worker.
+//! reserves or reads L1 objects, has chunks missing from L1 read back from
+//! the tier below (on the tier's threads, awaited without blocking the
+//! actor), and hands the copy to its copy lane (its device's GPU worker for
+//! CUDA memory).
 //!
 //! It must never copy bytes itself nor run a copy past its deadline. Its
 //! memory is shared with in-flight jobs through an `Arc`, so when the
 //! instance goes away the memory is released only after those copies finish.
+//! It reaches the rest of the server only through its [`DataPath`] (L1, the
+//! tier below, the counters) and its copy lane, never through the shared
+//! server state or the route table.
 
 use std::sync::Arc;
 
 use actix::prelude::*;
+use futures::future::{BoxFuture, FutureExt};
 use kvcoord_memory::{ChunkBlocks, KvLayout};
 use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
-use super::disk::{Buffer, WriteJob};
-use super::gpu_worker::{GatherJob, GpuWorker, JobGate, OpenedMemory, ScatterJob, ScatterSource};
-use super::l1::{ModelId, ObjectKey, Reservation};
-use super::state::{Counters, ServerShared};
+use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
+use super::counters::Counters;
+use super::keys::{ModelId, ObjectKey};
+use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
+use super::tier::{Buffer, Tier, TierRead, WriteBehind};
 
 /// Store these chunks from these blocks.
 #[derive(Message)]
@@ -51,6 +59,15 @@ pub struct Retire;
 #[rtype(result = "()")]
 pub struct CrashInstance;
 
+/// What an instance actor reaches besides its own registration.
+#[derive(Clone)]
+pub struct DataPath {
+    pub l1: Arc<L1Store>,
+    /// The tier below L1 (the disk), if configured.
+    pub lower_tier: Option<Arc<dyn Tier>>,
+    pub counters: Arc<Counters>,
+}
+
 pub struct InstanceActor {
     pub key: InstanceKey,
     pub model: ModelId,
@@ -59,8 +76,8 @@ pub struct InstanceActor {
     pub layout: KvLayout,
     pub chunk_tokens: u32,
     pub memory: OpenedMemory,
-    pub worker: Addr<GpuWorker>,
-    pub shared: Arc<ServerShared>,
+    pub lane: Addr<CopyLane>,
+    pub data: DataPath,
     notice: DeathNotice,
 }
 
@@ -72,13 +89,13 @@ impl InstanceActor {
         layout: KvLayout,
         chunk_tokens: u32,
         memory: OpenedMemory,
-        worker: Addr<GpuWorker>,
-        shared: Arc<ServerShared>,
+        lane: Addr<CopyLane>,
+        data: DataPath,
         supervisor: Recipient<ChildExited>,
         generation: u64,
     ) -> Self {
         let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
-        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, worker, shared, notice }
+        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, lane, data, notice }
     }
 
     fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
@@ -94,21 +111,33 @@ impl InstanceActor {
         ObjectKey { model: self.model, rank: self.key.rank, hash }
     }
 
-    /// Where a chunk to retrieve is: L1, else the disk tier (promoted into a
-    /// new L1 object when there is room), else nowhere.
-    fn source(&self, key: ObjectKey, bytes: u64) -> Option<ScatterSource> {
-        let l1 = &self.shared.l1;
+    /// Where a chunk to retrieve is: L1, else the tier below (read into a
+    /// new L1 object, promoted once scattered, when there is room; else into
+    /// a buffer, for host memory only), else nowhere. A tier read starts now,
+    /// on the tier's threads; the future resolves when it is done, to `None`
+    /// if the object could not be read back whole and verified.
+    fn source(&self, key: ObjectKey, bytes: u64) -> BoxFuture<'static, Option<ScatterSource>> {
+        let l1 = &self.data.l1;
         if let Some(guard) = l1.read(&key) {
-            return Some(ScatterSource::L1(guard));
+            return futures::future::ready(Some(ScatterSource::L1(guard))).boxed();
         }
-        let disk = self.shared.disk.as_ref()?;
-        if !disk.contains(&key) {
-            return None;
-        }
+        let Some(tier) = self.data.lower_tier.as_ref().filter(|t| t.contains(&key)) else {
+            return futures::future::ready(None).boxed();
+        };
         match l1.reserve(key, bytes) {
-            Ok(Reservation::Write(ticket)) => Some(ScatterSource::Promote(key, ticket)),
-            Ok(Reservation::AlreadyPresent) => l1.read(&key).map(ScatterSource::L1),
-            _ => Some(ScatterSource::DiskOnly(key, Buffer::zeroed(bytes as usize))),
+            Ok(Reservation::Write(ticket)) => {
+                let (read, done) = TierRead::new(key, ticket);
+                tier.read(read);
+                async move { read_back(done.await).map(ScatterSource::Promoted) }.boxed()
+            }
+            Ok(Reservation::AlreadyPresent) => futures::future::ready(l1.read(&key).map(ScatterSource::L1)).boxed(),
+            // The copy kernel reads only pinned memory: no buffer for CUDA.
+            _ if matches!(self.memory, OpenedMemory::Cuda(_)) => futures::future::ready(None).boxed(),
+            _ => {
+                let (read, done) = TierRead::new(key, Buffer::zeroed(bytes as usize));
+                tier.read(read);
+                async move { read_back(done.await).map(ScatterSource::Buffer) }.boxed()
+            }
         }
     }
 }
@@ -122,8 +151,17 @@ impl Actor for InstanceActor {
     }
 }
 
-fn worker_gone(_: MailboxError) -> WireError {
-    WireError::new(ErrorKind::Unavailable, "the copy worker restarted; retry")
+/// The bytes of a tier read that succeeded; a failed (or unanswered) read
+/// drops them, so an unfilled write ticket discards itself.
+fn read_back<D, E, R>(done: Result<(D, Result<(), E>), R>) -> Option<D> {
+    match done {
+        Ok((bytes, Ok(()))) => Some(bytes),
+        _ => None,
+    }
+}
+
+fn lane_gone(_: MailboxError) -> WireError {
+    WireError::new(ErrorKind::Unavailable, "the copy lane restarted; retry")
 }
 
 impl Handler<StoreChunks> for InstanceActor {
@@ -137,7 +175,7 @@ impl Handler<StoreChunks> for InstanceActor {
             let mut outcomes = Vec::with_capacity(msg.chunks.len());
             for &hash in &msg.chunks {
                 let r = self
-                    .shared
+                    .data
                     .l1
                     .reserve(self.object_key(hash), bytes)
                     .map_err(|e| WireError::new(ErrorKind::Internal, format!("L1 memory could not grow: {e}")))?;
@@ -166,7 +204,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 gate: msg.gate,
             })
         })();
-        let (worker, shared) = (self.worker.clone(), self.shared.clone());
+        let (lane, data) = (self.lane.clone(), self.data.clone());
         let keys: Vec<ObjectKey> = msg.chunks.iter().map(|&h| self.object_key(h)).collect();
         let (model_name, world_size) = (self.model_name.clone(), self.world_size);
         Box::pin(async move {
@@ -174,14 +212,14 @@ impl Handler<StoreChunks> for InstanceActor {
             if job.tickets.iter().all(Option::is_none) {
                 return Ok(ReplyBody::Stored(job.outcomes));
             }
-            let (outcomes, bytes) = worker.send(job).await.map_err(worker_gone)??;
-            Counters::add(&shared.counters.bytes_stored, bytes);
-            if let Some(disk) = &shared.disk {
-                // Write behind: the store's reply does not wait for the disk.
+            let (outcomes, bytes) = lane.send(job).await.map_err(lane_gone)??;
+            Counters::add(&data.counters.bytes_stored, bytes);
+            if let Some(tier) = &data.lower_tier {
+                // Write behind: the store's reply does not wait for the tier.
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
-                    if let Some(object) = shared.l1.read(key) {
-                        let job = WriteJob { key: *key, model: model_name.clone(), world_size, object };
-                        disk.enqueue(job);
+                    if let Some(object) = data.l1.read(key) {
+                        let object = Box::new(object);
+                        tier.write_behind(WriteBehind { key: *key, model: model_name.clone(), world_size, object });
                     }
                 }
             }
@@ -196,23 +234,26 @@ impl Handler<RetrieveChunks> for InstanceActor {
     fn handle(&mut self, msg: RetrieveChunks, _: &mut Self::Context) -> Self::Result {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
             let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
-            let objects = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
-            let disk = self.shared.disk.clone();
-            ScatterJob { layout: self.layout, memory: self.memory.clone(), blocks, objects, disk, gate: msg.gate }
+            let sources: Vec<_> = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
+            (blocks, sources)
         });
-        let (worker, shared, rank, lease) = (self.worker.clone(), self.shared.clone(), self.key.rank, msg.lease);
+        let (layout, memory, gate) = (self.layout, self.memory.clone(), msg.gate);
+        let (lane, data, rank, lease) = (self.lane.clone(), self.data.clone(), self.key.rank, msg.lease);
         Box::pin(async move {
-            let job = prepared?;
+            let (blocks, sources) = prepared?;
+            // Tier reads finish on the tier's threads; the lane only copies.
+            let objects = futures::future::join_all(sources).await;
+            let job = ScatterJob { layout, memory, blocks, objects, gate };
             let result = if job.objects.iter().all(Option::is_none) {
                 Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
             } else {
-                worker.send(job).await.map_err(worker_gone)?.map(|(o, bytes)| {
-                    Counters::add(&shared.counters.bytes_retrieved, bytes);
+                lane.send(job).await.map_err(lane_gone)?.map(|(o, bytes)| {
+                    Counters::add(&data.counters.bytes_retrieved, bytes);
                     o
                 })
             };
             if let Some(lease) = lease {
-                shared.l1.release_rank(lease, rank);
+                data.l1.release_rank(lease, rank);
             }
             Ok(ReplyBody::Retrieved(result?))
         })

@@ -4,7 +4,8 @@
 //! It owns the index (by model, rank and chunk hash), eviction, write tickets,
 //! read guards and leases. It is shared state behind one short lock, not an
 //! actor, so lookups never queue behind copies: no copy ever runs under the
-//! lock. It must never copy bytes itself.
+//! lock. It must never copy bytes itself, and knows the tier below it (the
+//! disk) only as a [`Tier`].
 //!
 //! Object life cycle: `reserve` gives a [`WriteTicket`] (the object is
 //! invisible to lookups and retrieves); `commit` makes it ready; dropping an
@@ -31,18 +32,8 @@ use kvcoord_memory::{Arena, Extent, ObjectBytes};
 use kvcoord_transport::{ChunkHash, LeaseId};
 use parking_lot::Mutex;
 
-/// Interned (model name, world size): chunks are shared by every instance of
-/// the same model and TP degree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelId(pub u32);
-
-/// The key of one chunk object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ObjectKey {
-    pub model: ModelId,
-    pub rank: u32,
-    pub hash: ChunkHash,
-}
+use super::keys::{ModelId, ObjectKey};
+use super::tier::{Exclusive, Tier};
 
 /// Keys are client-chosen hashes: a seeded hasher keeps crafted collisions
 /// from degrading the table.
@@ -172,6 +163,9 @@ pub struct ReadGuard {
 unsafe impl Send for WriteTicket {}
 // SAFETY: `&WriteTicket` only exposes the pointer and length.
 unsafe impl Sync for WriteTicket {}
+// SAFETY: a ticket's object is in the Writing state, invisible to lookups and
+// readers, until the ticket commits or drops; the ticket is its only writer.
+unsafe impl Exclusive for WriteTicket {}
 // SAFETY: a guard's object is Ready (no writer) or Doomed (no writer, and its
 // extent is freed only after the last guard drops), so reading its bytes
 // from any thread while the guard lives is sound.
@@ -197,8 +191,8 @@ pub struct L1Store {
     arena: Arena,
     index: Mutex<Index>,
     lease_ttl: Duration,
-    /// Tier 2: lookups count chunks held there too.
-    disk: std::sync::OnceLock<Arc<super::disk::DiskTier>>,
+    /// The tier below (the disk): lookups count chunks held there too.
+    lower: std::sync::OnceLock<Arc<dyn Tier>>,
 }
 
 /// Random slots examined per eviction round, and rounds before a full scan.
@@ -308,13 +302,13 @@ impl L1Store {
                 models: HashMap::new(),
             }),
             lease_ttl,
-            disk: std::sync::OnceLock::new(),
+            lower: std::sync::OnceLock::new(),
         })
     }
 
-    /// Makes lookups see the disk tier too.
-    pub fn attach_disk(&self, disk: Arc<super::disk::DiskTier>) {
-        let _ = self.disk.set(disk);
+    /// Makes lookups see the tier below L1 too.
+    pub fn attach_lower_tier(&self, tier: Arc<dyn Tier>) {
+        let _ = self.lower.set(tier);
     }
 
     pub fn arena_source(&self) -> &'static str {
@@ -419,13 +413,13 @@ impl L1Store {
     ) -> (u32, Option<LeaseId>) {
         let mut ix = self.index.lock();
         let mut found = 0usize;
-        let disk = self.disk.get();
+        let lower = self.lower.get();
         'chunks: for &hash in hashes {
             for rank in 0..world_size {
                 let key = ObjectKey { model, rank, hash };
                 match ix.find(&key) {
                     Some(i) if ix.slots.get(i).state == SlotState::Ready => ix.touch(i),
-                    _ if disk.is_some_and(|d| d.contains(&key)) => {}
+                    _ if lower.is_some_and(|t| t.contains(&key)) => {}
                     _ => break 'chunks,
                 }
             }

@@ -1,17 +1,36 @@
 //! The coordinator: starting the actor system's server side inside an actix
 //! `System` (the standalone binary and embedding applications use the same
-//! entry point), accepting connections, and shutting down gracefully.
+//! entry point), accepting connections, and shutting down gracefully. This
+//! file is the only one that names a concrete tier (the disk); it must never
+//! serve a request itself.
 //!
 //! ```text
 //!   clients ──frames──> Session (one per connection) ──┬─> L1Store (lookups, leases: shared state)
-//!                                                      ├─> InstanceActor (one per TP rank) ──> GpuWorker (own thread)
+//!                                                      ├─> InstanceActor (one per TP rank) ──> CopyLane (own thread)
+//!                                                      │        └─> Tier (disk reads, on the tier's threads)
 //!                                                      └─> Supervisor (registry, epoch, child lifetimes)
 //! ```
+//!
+//! Where things are (a request's path, top to bottom):
+//!
+//! - `session.rs`: one actor per connection; frames in, one reply out per request.
+//! - `requests.rs`: each operation's validation, routing and deadline.
+//! - `supervisor.rs`: registrations, the epoch, starting and restarting children;
+//!   `supervision.rs`: how it learns a child died; `routing.rs`: which lane
+//!   a registration's copies go to.
+//! - `instance.rs`: one actor per registered TP rank; prepares copies.
+//! - `copy_lane.rs`: the actor that copies (a host lane, or a device's GPU worker).
+//! - `l1.rs`: the L1 index, eviction, leases; `keys.rs`: object keys.
+//! - `tier.rs`: the interface of a tier below L1; `disk.rs`: the disk tier.
+//! - `state.rs`: what every actor reads (config, L1, routes); `counters.rs`,
+//!   `metrics.rs`: counts and Prometheus; `admin.rs`: the admin HTTP API.
 
 pub mod admin;
+pub mod copy_lane;
+pub mod counters;
 pub mod disk;
-pub mod gpu_worker;
 pub mod instance;
+pub mod keys;
 pub mod l1;
 pub mod metrics;
 pub mod requests;
@@ -20,6 +39,7 @@ pub mod session;
 pub mod state;
 pub mod supervision;
 pub mod supervisor;
+pub mod tier;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,10 +57,12 @@ use kvcoord_transport::{
 use tokio::sync::watch;
 
 use crate::config::{BackendChoice, ServerConfig};
+use counters::Counters;
 use l1::L1Store;
 use session::Session;
-use state::{Counters, ServerShared};
+use state::ServerShared;
 use supervisor::{GetStats, Supervisor};
+use tier::Tier;
 
 /// Why a coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +142,7 @@ const L1_SLAB_BYTES: u64 = 256 << 20;
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 impl Coordinator {
-    /// Starts a coordinator: supervisor, GPU workers, listeners. Call inside
+    /// Starts a coordinator: supervisor, copy lanes, listeners. Call inside
     /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
     pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
         config.validate()?;
@@ -143,12 +165,14 @@ impl Coordinator {
             );
         }
         let l1 = L1Store::new(arena, Duration::from_millis(config.lease_ttl_ms));
-        // The disk index is rebuilt before anything is served.
-        let disk = match &config.disk_dir {
+        // The disk index is rebuilt before anything is served. This is the
+        // only place that names the concrete tier: the rest knows a `Tier`.
+        let lower_tier: Option<Arc<dyn Tier>> = match &config.disk_dir {
             Some(dir) => {
-                let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), &l1)
+                let model_id = |model: &str, world_size| l1.model_id(model, world_size);
+                let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), l1.usage().capacity, &model_id)
                     .map_err(|e| StartError::Backend(format!("disk tier at {}: {e}", dir.display())))?;
-                l1.attach_disk(tier.clone());
+                l1.attach_lower_tier(tier.clone());
                 Some(tier)
             }
             None => None,
@@ -162,14 +186,14 @@ impl Coordinator {
             metrics: metrics::Metrics::new(epoch, backend),
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             admin: std::sync::OnceLock::new(),
-            disk,
+            lower_tier,
             epoch,
             config,
             backend,
             devices,
             l1,
             routes: DashMap::new(),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

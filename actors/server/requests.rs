@@ -17,9 +17,10 @@ use actix::prelude::*;
 use kvcoord_transport::{ErrorKind, ReplyBody, Request, RequestBody, WireError};
 use tokio::time::Instant;
 
-use super::gpu_worker::JobGate;
+use super::copy_lane::JobGate;
+use super::counters::Counters;
 use super::instance::{self, InstanceActor};
-use super::state::{Counters, InstanceRoute, ServerShared};
+use super::state::{InstanceRoute, ServerShared};
 use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 
 fn not_registered() -> WireError {
@@ -159,7 +160,7 @@ pub async fn serve(
             if !shared.config.fault_injection {
                 return Err(WireError::new(
                     ErrorKind::Unauthorized,
-                    "fault injection is disabled (start the server with --enable-fault-injection)",
+                    "fault injection is disabled (start the server with --fault-injection)",
                 ));
             }
             control(supervisor.send(InjectFault(target)).await)

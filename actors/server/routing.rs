@@ -1,5 +1,5 @@
-//! Which GPU worker a registration's copies go to: the worker of the device
-//! whose UUID the IPC handles name (never an ordinal: ordinals differ between
+//! Which copy lane a registration's copies go to: the lane (GPU worker) of
+//! the device whose UUID the IPC handles name (never an ordinal: ordinals differ between
 //! processes with different `CUDA_VISIBLE_DEVICES`), or the next host copy
 //! lane, in turn, for a memfd.
 //!

@@ -1,5 +1,6 @@
 //! State every server actor and session reads: the epoch, configuration, the
-//! L1 store, the routing table of registered instances, and the counters.
+//! L1 store and the tier below it, the routing table of registered instances,
+//! and the counters.
 //!
 //! The routing table is written only by the supervisor; sessions read it to
 //! send a request straight to its instance actor. This module must never
@@ -13,9 +14,12 @@ use actix::Addr;
 use dashmap::DashMap;
 use kvcoord_transport::{InstanceKey, ServerEpoch};
 
+use super::counters::Counters;
 use super::instance::InstanceActor;
-use super::l1::{L1Store, ModelId};
+use super::keys::ModelId;
+use super::l1::L1Store;
 use super::metrics::Metrics;
+use super::tier::Tier;
 use crate::config::ServerConfig;
 
 /// Where requests for one registered instance go.
@@ -36,42 +40,16 @@ impl InstanceRoute {
     }
 }
 
-/// Monotonic counters (exported in stats).
-#[derive(Default)]
-pub struct Counters {
-    pub stores: AtomicU64,
-    pub retrieves: AtomicU64,
-    pub lookups: AtomicU64,
-    pub lookup_asked_chunks: AtomicU64,
-    pub lookup_hit_chunks: AtomicU64,
-    pub bytes_stored: AtomicU64,
-    pub bytes_retrieved: AtomicU64,
-    pub registrations: AtomicU64,
-    pub reregistrations: AtomicU64,
-    pub connections: AtomicU64,
-    pub actor_restarts: AtomicU64,
-    pub reclaimed_instances: AtomicU64,
-}
-
-impl Counters {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 /// Shared server state. One per running coordinator.
 pub struct ServerShared {
     pub epoch: ServerEpoch,
     pub config: ServerConfig,
     pub backend: &'static str,
-    /// The CUDA devices served (empty on the host backend), one GPU worker each.
+    /// The CUDA devices served (empty on the host backend), one copy lane (GPU worker) each.
     pub devices: Vec<Arc<kvcoord_memory::cuda::CudaDevice>>,
     pub l1: Arc<L1Store>,
     pub routes: DashMap<InstanceKey, InstanceRoute>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
     pub started: Instant,
     pub shutting_down: AtomicBool,
     pub in_flight: AtomicUsize,
@@ -82,8 +60,8 @@ pub struct ServerShared {
     pub endpoints: Vec<String>,
     /// Where the admin HTTP API listens, once it does.
     pub admin: OnceLock<String>,
-    /// The disk tier, if configured.
-    pub disk: Option<Arc<super::disk::DiskTier>>,
+    /// The tier below L1 (the disk tier), if configured.
+    pub lower_tier: Option<Arc<dyn Tier>>,
 }
 
 impl ServerShared {

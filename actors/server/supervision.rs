@@ -11,7 +11,7 @@ use kvcoord_transport::InstanceKey;
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub enum ChildExited {
-    Worker { lane: u32, generation: u64 },
+    CopyLane { lane: u32, generation: u64 },
     Instance { key: InstanceKey, generation: u64 },
 }
 

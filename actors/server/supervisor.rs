@@ -1,9 +1,10 @@
 //! The supervisor: owns the server epoch's registry of instances and the
-//! lifetime of every child actor (GPU workers and instance actors).
+//! lifetime of every child actor (copy lanes, a device's lane being its GPU
+//! worker, and instance actors).
 //!
-//! - A GPU worker that dies (panic or stop) is restarted on a fresh arbiter
+//! - A copy lane that dies (panic or stop) is restarted on a fresh arbiter
 //!   thread, and every instance routed to it is dropped: its memory was
-//!   opened on the dead worker's device context.
+//!   opened (mapped, or on the dead lane's device context) by that lane.
 //! - An instance actor that dies has its registration dropped.
 //!
 //! In both cases the clients get `NotRegistered` on their next request and
@@ -27,18 +28,20 @@ use kvcoord_transport::{
 use kvcoord_memory::cuda::CudaDevice;
 use kvcoord_memory::MemoryHandle;
 
-use super::gpu_worker::{Crash, GpuWorker, MemoryIdentity, OpenMemory};
-use super::instance::{CrashInstance, InstanceActor, Retire};
-use super::l1::ModelId;
+use super::copy_lane::{CopyLane, Crash, MemoryIdentity, OpenMemory};
+use super::counters::Counters;
+use super::instance::{CrashInstance, DataPath, InstanceActor, Retire};
+use super::keys::ModelId;
 use super::routing::{route, LaneKind};
-use super::state::{Counters, InstanceRoute, ServerShared};
+use super::state::{InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
+use super::tier::Tier;
 
 struct Lane {
-    addr: Addr<GpuWorker>,
+    addr: Addr<CopyLane>,
     arbiter: Arbiter,
     generation: u64,
-    /// The device this worker owns; `None` for a host copy lane.
+    /// The device this lane is the GPU worker of; `None` for a host copy lane.
     device: Option<Arc<CudaDevice>>,
 }
 
@@ -120,12 +123,12 @@ impl Supervisor {
         let me = ctx.address().recipient();
         let c = &self.shared.config;
         let d = device.clone().map(|d| (d, c.gpu_streams as usize, c.gpu_copy.method()));
-        // The worker (and a device's copy engine) is built on its own thread.
-        let addr = GpuWorker::start_in_arbiter(&arbiter.handle(), move |_| GpuWorker::new(lane, generation, me, d));
+        // The lane (and a device's copy engine) is built on its own thread.
+        let addr = CopyLane::start_in_arbiter(&arbiter.handle(), move |_| CopyLane::new(lane, generation, me, d));
         Lane { addr, arbiter, generation, device }
     }
 
-    /// The worker a new registration's copies go to (see `routing.rs`).
+    /// The lane a new registration's copies go to (see `routing.rs`).
     fn route(&mut self, memory: &MemoryHandle) -> Result<usize, WireError> {
         let kinds: Vec<LaneKind> = self
             .lanes
@@ -155,7 +158,7 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Host copy lanes first (memfd clients), then one worker per device.
+        // Host copy lanes first (memfd clients), then one lane (GPU worker) per device.
         for lane in 0..self.shared.config.copy_lanes.max(1) {
             let l = self.start_lane(lane, None, ctx);
             self.lanes.push(l);
@@ -237,7 +240,7 @@ impl Handler<Register> for Supervisor {
         let open = self.lanes[lane].addr.send(OpenMemory { layout: r.layout, handle: r.memory.clone(), fd: msg.fd });
         let session = msg.session;
         AtomicResponse::new(Box::pin(
-            async move { open.await.map_err(|_| WireError::new(ErrorKind::Unavailable, "copy worker restarted")) }
+            async move { open.await.map_err(|_| WireError::new(ErrorKind::Unavailable, "copy lane restarted")) }
                 .into_actor(self)
                 .map(move |opened, act, ctx| {
                     let (memory, identity) = opened??;
@@ -260,7 +263,11 @@ impl Handler<Register> for Supervisor {
                         act.shared.config.chunk_tokens,
                         memory,
                         act.lanes[lane].addr.clone(),
-                        act.shared.clone(),
+                        DataPath {
+                            l1: act.shared.l1.clone(),
+                            lower_tier: act.shared.lower_tier.clone(),
+                            counters: act.shared.counters.clone(),
+                        },
                         ctx.address().recipient(),
                         generation,
                     );
@@ -364,12 +371,12 @@ impl Handler<ChildExited> for Supervisor {
                     self.drop_instance(&key, "instance actor died");
                 }
             }
-            ChildExited::Worker { lane, generation } => {
+            ChildExited::CopyLane { lane, generation } => {
                 let i = lane as usize;
                 if self.lanes.get(i).is_none_or(|l| l.generation != generation) || self.shared.is_shutting_down() {
                     return;
                 }
-                tracing::warn!(lane, "gpu worker died; restarting it and dropping its instances");
+                tracing::warn!(lane, "copy lane died; restarting it and dropping its instances");
                 Counters::add(&self.shared.counters.actor_restarts, 1);
                 let device = self.lanes[i].device.clone();
                 let fresh = self.start_lane(lane, device, ctx);
@@ -378,7 +385,7 @@ impl Handler<ChildExited> for Supervisor {
                 let affected: Vec<InstanceKey> =
                     self.instances.iter().filter(|(_, e)| e.lane == i).map(|(k, _)| *k).collect();
                 for key in affected {
-                    self.drop_instance(&key, "its gpu worker died");
+                    self.drop_instance(&key, "its copy lane died");
                 }
             }
         }
@@ -390,8 +397,8 @@ impl Handler<InjectFault> for Supervisor {
     fn handle(&mut self, msg: InjectFault, _: &mut Self::Context) -> Self::Result {
         tracing::warn!(target = ?msg.0, "fault injection");
         match msg.0 {
-            FaultTarget::GpuWorker(i) => {
-                let lane = self.lanes.get(i as usize).ok_or_else(|| invalid(format!("no gpu worker {i}")))?;
+            FaultTarget::CopyLane(i) => {
+                let lane = self.lanes.get(i as usize).ok_or_else(|| invalid(format!("no copy lane {i}")))?;
                 lane.addr.do_send(Crash);
             }
             FaultTarget::Instance(key) => {
@@ -406,21 +413,20 @@ impl Handler<InjectFault> for Supervisor {
     }
 }
 
-fn disk_stats(disk: Option<&super::disk::DiskTier>) -> ServerStats {
-    let Some(d) = disk else { return ServerStats::default() };
-    let (capacity, used, objects, backlog) = d.usage();
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+/// The tier below L1's figures (the `disk_*` fields of the stats).
+fn tier_stats(tier: Option<&dyn Tier>) -> ServerStats {
+    let Some(s) = tier.map(Tier::stats) else { return ServerStats::default() };
     ServerStats {
-        disk_capacity: capacity,
-        disk_used: used,
-        disk_objects: objects,
-        disk_backlog: backlog,
-        disk_hits: get(&d.counters.hits),
-        disk_writes: get(&d.counters.writes),
-        disk_write_errors: get(&d.counters.write_errors),
-        disk_corrupt: get(&d.counters.corrupt),
-        disk_recovered: get(&d.counters.recovered),
-        disk_skipped: get(&d.counters.skipped),
+        disk_capacity: s.capacity,
+        disk_used: s.used,
+        disk_objects: s.objects,
+        disk_backlog: s.backlog,
+        disk_hits: s.hits,
+        disk_writes: s.writes,
+        disk_write_errors: s.write_errors,
+        disk_corrupt: s.corrupt,
+        disk_recovered: s.recovered,
+        disk_skipped: s.skipped,
         ..ServerStats::default()
     }
 }
@@ -501,7 +507,7 @@ impl Handler<GetStats> for Supervisor {
             connections: Counters::get(&c.connections),
             actor_restarts: Counters::get(&c.actor_restarts),
             reclaimed_instances: Counters::get(&c.reclaimed_instances),
-            ..disk_stats(s.disk.as_deref())
+            ..tier_stats(s.lower_tier.as_deref())
         })
     }
 }

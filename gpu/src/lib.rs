@@ -3,7 +3,7 @@
 //! CUDA backend, the L1 arena and the copy engines.
 //!
 //! Nothing here knows about the wire, actors or clients: these are the typed
-//! building blocks that the coordinator's GPU-worker and instance actors use.
+//! building blocks that the coordinator's copy-lane and instance actors use.
 
 pub mod arena;
 pub mod copy;

@@ -167,7 +167,7 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
             d.name(),
             d.uuid_string()
         );
-        for method in [CopyMethod::Kernel, CopyMethod::Staged] {
+        for method in [CopyMethod::Direct, CopyMethod::Staged] {
             let streams = args.gpu_streams as usize;
             let (g, s) =
                 engine_baseline(d, method, streams, args.dma_bytes, 32 << 10, 1024, 5).map_err(|e| e.to_string())?;

@@ -13,7 +13,9 @@ pub enum ErrorKind {
     /// A register for an already registered instance with a different layout,
     /// or memory that does not match the layout.
     LayoutMismatch,
-    /// A malformed request: bad block id, wrong counts, empty request, ...
+    /// A malformed request: bad block id, wrong counts, empty request, host
+    /// memory registered without its memfd (as over TCP, which cannot carry
+    /// one), ...
     InvalidArgument,
     /// L1 has no room even after evicting everything evictable.
     OutOfMemory,
@@ -22,7 +24,7 @@ pub enum ErrorKind {
     /// The request's deadline passed before it completed.
     Timeout,
     /// The request is not allowed (e.g. fault injection on a server started
-    /// without it, or registering over TCP with a memfd).
+    /// without it).
     Unauthorized,
     /// Client and server speak different protocol versions.
     ProtocolMismatch,

@@ -4,7 +4,8 @@
 //!
 //! Layers, bottom up: `frame` (bytes of one frame) -> `stream` (frames over a
 //! socket, with descriptors) -> `handshake` -> `connection` (requests and
-//! replies) -> `reconnect` (staying connected).
+//! replies) -> `reconnect` (staying connected). Nothing here may know about
+//! the coordinator's actors, memory or policy: it only moves typed messages.
 
 pub mod chunk_hash;
 pub mod connection;

@@ -148,8 +148,9 @@ pub struct RetrieveChunks {
 /// fault injection enabled).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum FaultTarget {
-    /// The GPU-worker actor (copy lane / device) with this index.
-    GpuWorker(u32),
+    /// The copy-lane actor with this index (host lanes first, then one per
+    /// device, that device's GPU worker).
+    CopyLane(u32),
     /// The instance actor of this registration.
     Instance(InstanceKey),
 }

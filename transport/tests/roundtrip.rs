@@ -76,7 +76,7 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         any::<u64>().prop_map(|l| RequestBody::ReleaseLease { lease: LeaseId(l) }),
         Just(RequestBody::Clear),
         Just(RequestBody::Stats),
-        any::<u32>().prop_map(|i| RequestBody::InjectFault(FaultTarget::GpuWorker(i))),
+        any::<u32>().prop_map(|i| RequestBody::InjectFault(FaultTarget::CopyLane(i))),
         instance().prop_map(|k| RequestBody::InjectFault(FaultTarget::Instance(k))),
         Just(RequestBody::Status),
     ]

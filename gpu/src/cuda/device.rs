@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
 
-use super::{init, op, CudaError};
+use super::driver::{init, op, CudaError};
 
 /// One device with its primary context retained.
 pub struct CudaDevice {

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
 
-use super::{op, CudaDevice, CudaError};
+use super::device::CudaDevice;
+use super::driver::{op, CudaError};
 use crate::copy::for_each_block_plane;
 use crate::layout::{BlockId, KvLayout};
 
@@ -48,11 +49,12 @@ pub enum CopyMethod {
     /// paged blocks into it (HBM to HBM, ~30 us per 32 MiB) and one
     /// contiguous DMA per object moves it to pinned L1 at the link's
     /// contiguous rate; a retrieve is the reverse. Costs
-    /// [`STAGING_BYTES`] of device memory per stream.
+    /// [`STAGING_BYTES`] of device memory per stream (`--gpu-copy staged`).
     Staged,
     /// The copy kernel straight between device blocks and pinned host
-    /// memory: one CTA per segment, 16-byte vector accesses over PCIe.
-    Kernel,
+    /// memory: one CTA per segment, 16-byte vector accesses over PCIe
+    /// (`--gpu-copy direct`).
+    Direct,
     /// One `cuMemcpyBatchAsync` per job: the copy engines (DMA), driven by
     /// the driver from the segment list.
     DmaBatch,
@@ -339,7 +341,7 @@ impl CopyEngine {
         let mut tables = Vec::new();
         let launched = match (segments.is_empty(), self.method) {
             (true, _) => Ok(()),
-            (false, CopyMethod::Kernel) => self.launch(stream, segments, &mut tables),
+            (false, CopyMethod::Direct) => self.launch(stream, segments, &mut tables),
             (false, CopyMethod::Staged) => self.staged(lane, direction, segments, &mut tables),
             (false, CopyMethod::DmaBatch) => Self::dma_batch(stream, segments),
         };

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
 
-use super::{op, CudaDevice, CudaError};
+use super::device::CudaDevice;
+use super::driver::{op, CudaError};
 use crate::layout::{BlockId, KvLayout};
 use crate::memory::{CudaIpcLayer, MemoryHandle};
 

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use parking_lot::Mutex;
 
-use super::{op, CudaDevice, CudaError};
+use super::device::CudaDevice;
+use super::driver::{op, CudaError};
 use crate::layout::KvLayout;
 use crate::memory::CudaIpcLayer;
 

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use super::{op, CudaDevice};
+use super::device::CudaDevice;
+use super::driver::op;
 use crate::arena::{Slab, SlabSource};
 
 /// Takes pinned slabs in the context of `device`.
@@ -64,7 +65,7 @@ impl Drop for PinnedSlab {
 
 impl SlabSource for PinnedSlabs {
     fn allocate(&self, bytes: usize) -> std::io::Result<Box<dyn Slab>> {
-        let to_io = |e: super::CudaError| std::io::Error::other(e.to_string());
+        let to_io = |e: super::driver::CudaError| std::io::Error::other(e.to_string());
         self.device.bind().map_err(to_io)?;
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: a context is current on this thread (bound above); the

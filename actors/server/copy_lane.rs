@@ -1,17 +1,20 @@
-//! The GPU-worker actor: one per CUDA device (and, for memfd clients, one
-//! per host copy lane), each on its own arbiter thread. It opens registered
-//! memory and runs the gathers (store) and scatters (retrieve) of the
-//! instances routed to it.
+//! The copy-lane actor: each lane runs on its own arbiter thread, opens the
+//! registered memory of the instances routed to it and runs their gathers
+//! (store) and scatters (retrieve). There are two kinds of lane:
 //!
-//! On a device it owns the [`CopyEngine`] (context, store stream,
-//! higher-priority retrieve stream, copy kernel): a job is queued on the GPU
-//! and the worker moves on; the job's reply is built when the engine hands
-//! back its payload after the copy finished, so "done" and the bytes arrive
-//! as one value. On a host lane it copies on its own thread.
+//! - a **host copy lane** (`--copy-lanes` of them) copies memfd memory with
+//!   the CPU, on its own thread;
+//! - a **device lane**, one per CUDA device, is "the GPU worker" of that
+//!   device: it owns the device's [`CopyEngine`] (context, store streams,
+//!   higher-priority retrieve streams, copy kernel). A job is queued on the
+//!   GPU and the lane moves on; the job's reply is built when the engine
+//!   hands back its payload after the copy finished, so "done" and the bytes
+//!   arrive as one value.
 //!
 //! It must never touch the index except through the write tickets and object
-//! handles a job carries, and never start a job whose deadline path
-//! cancelled it.
+//! handles a job carries, never start a job whose deadline path cancelled
+//! it, and never do tier (disk) I/O: every object a job carries is already in
+//! memory.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
@@ -26,11 +29,11 @@ use kvcoord_memory::host::HostMemoryError;
 use kvcoord_memory::{copy, ChunkBlocks, HostMapping, KvLayout, KvMemory, LayoutError, MemoryHandle, ObjectBytes};
 use kvcoord_transport::{ErrorKind, RetrieveOutcome, StoreOutcome, WireError};
 
-use super::disk::{Buffer, DiskTier};
-use super::l1::{ObjectKey, ReadGuard, WriteTicket};
+use super::l1::{ReadGuard, WriteTicket};
 use super::supervision::{ChildExited, DeathNotice};
+use super::tier::Buffer;
 
-/// Decides, exactly once, whether a copy job runs or is cancelled: the worker
+/// Decides, exactly once, whether a copy job runs or is cancelled: the lane
 /// calls `start`, the request's deadline path calls `cancel`; whichever comes
 /// first wins. A retrieve that has started is always waited for, so a client
 /// told "timeout" never has its blocks written afterwards.
@@ -70,7 +73,7 @@ pub enum OpenedMemory {
     Cuda(Arc<IpcKvMemory>),
 }
 
-/// Open registered memory on this worker's device.
+/// Open registered memory on this lane (its device, for CUDA memory).
 #[derive(Message)]
 #[rtype(result = "Result<(OpenedMemory, MemoryIdentity), WireError>")]
 pub struct OpenMemory {
@@ -94,14 +97,18 @@ pub struct GatherJob {
     pub gate: Arc<JobGate>,
 }
 
-/// Where a retrieved chunk's bytes come from.
+/// Where a retrieved chunk's bytes are. Every source is already in memory:
+/// objects of the tier below L1 were read (on the tier's threads) before the
+/// job reached the lane.
 pub enum ScatterSource {
     /// A ready L1 object.
     L1(ReadGuard),
-    /// The disk tier, read into a new L1 object (promoted on success).
-    Promote(ObjectKey, WriteTicket),
-    /// The disk tier, read into a buffer (L1 had no room).
-    DiskOnly(ObjectKey, Buffer),
+    /// A new L1 object read back from the tier below, committed (promoted)
+    /// once scattered.
+    Promoted(WriteTicket),
+    /// An object read back from the tier below into a buffer (L1 had no
+    /// room); host memory only, the kernel reads only pinned memory.
+    Buffer(Buffer),
 }
 
 /// Scatter chunks into blocks; `objects[i]` is `None` for a missing chunk.
@@ -112,7 +119,6 @@ pub struct ScatterJob {
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
     pub objects: Vec<Option<ScatterSource>>,
-    pub disk: Option<Arc<DiskTier>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -121,7 +127,7 @@ pub struct ScatterJob {
 #[rtype(result = "()")]
 pub struct Crash;
 
-/// What a worker copies with.
+/// What a lane copies with.
 enum Copier {
     /// Its own thread (memfd memory).
     Host,
@@ -129,16 +135,16 @@ enum Copier {
     Cuda(Arc<CudaDevice>, Result<CopyEngine, String>),
 }
 
-pub struct GpuWorker {
+pub struct CopyLane {
     lane: u32,
     copier: Copier,
     _notice: DeathNotice,
 }
 
-impl GpuWorker {
-    /// A worker for lane `lane`: a device's (with that many streams per
+impl CopyLane {
+    /// Lane `lane`: a device's GPU worker (with that many streams per
     /// direction and that copy method) when `device` is given, else a host
-    /// copy lane. Call on the worker's own arbiter thread.
+    /// copy lane. Call on the lane's own arbiter thread.
     pub fn new(
         lane: u32,
         generation: u64,
@@ -155,7 +161,7 @@ impl GpuWorker {
                 Copier::Cuda(d, engine)
             }
         };
-        GpuWorker { lane, copier, _notice: DeathNotice::new(supervisor, ChildExited::Worker { lane, generation }) }
+        CopyLane { lane, copier, _notice: DeathNotice::new(supervisor, ChildExited::CopyLane { lane, generation }) }
     }
 
     fn engine(&self) -> Result<&CopyEngine, WireError> {
@@ -167,7 +173,7 @@ impl GpuWorker {
     }
 }
 
-impl Actor for GpuWorker {
+impl Actor for CopyLane {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Self::Context) {
@@ -184,7 +190,7 @@ fn cancelled() -> WireError {
     WireError::new(ErrorKind::Timeout, "deadline passed before the copy started")
 }
 
-impl Handler<OpenMemory> for GpuWorker {
+impl Handler<OpenMemory> for CopyLane {
     type Result = Result<(OpenedMemory, MemoryIdentity), WireError>;
 
     fn handle(&mut self, msg: OpenMemory, _: &mut Self::Context) -> Self::Result {
@@ -214,7 +220,7 @@ impl Handler<OpenMemory> for GpuWorker {
                     return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to a host copy lane"));
                 };
                 if device.uuid() != device_uuid {
-                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to another device's worker"));
+                    return Err(WireError::new(ErrorKind::Internal, "CUDA memory routed to another device's lane"));
                 }
                 let identity = MemoryIdentity::Cuda(layers.iter().map(|l| l.handle.clone()).collect());
                 let mem = IpcKvMemory::open(device.clone(), &msg.layout, &layers).map_err(|e| match e {
@@ -232,7 +238,7 @@ fn internal(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorKind::Internal, e.to_string())
 }
 
-impl Handler<GatherJob> for GpuWorker {
+impl Handler<GatherJob> for CopyLane {
     type Result = ResponseFuture<Result<(Vec<StoreOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: GatherJob, _: &mut Self::Context) -> Self::Result {
@@ -327,7 +333,7 @@ fn gather_on_device(
     Ok(rx)
 }
 
-impl Handler<ScatterJob> for GpuWorker {
+impl Handler<ScatterJob> for CopyLane {
     type Result = ResponseFuture<Result<(Vec<RetrieveOutcome>, u64), WireError>>;
 
     fn handle(&mut self, job: ScatterJob, _: &mut Self::Context) -> Self::Result {
@@ -339,12 +345,6 @@ impl Handler<ScatterJob> for GpuWorker {
             },
         }
     }
-}
-
-/// A disk object is served only if it reads back whole and its checksum
-/// matches; otherwise it is dropped and reported missing.
-fn read_from_disk(disk: &Option<Arc<DiskTier>>, key: &ObjectKey, into: &dyn ObjectBytes) -> bool {
-    disk.as_ref().is_some_and(|d| d.read_into(key, into).is_ok())
 }
 
 fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveOutcome>, u64), WireError> {
@@ -361,17 +361,17 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
                 scatter(&obj, i)?;
                 Some(obj.len())
             }
-            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
+            Some(ScatterSource::Promoted(ticket)) => {
                 scatter(&ticket, i)?;
                 let n = ticket.len();
                 ticket.commit();
                 Some(n)
             }
-            Some(ScatterSource::DiskOnly(key, buf)) if read_from_disk(&job.disk, &key, &buf) => {
+            Some(ScatterSource::Buffer(buf)) => {
                 scatter(&buf, i)?;
                 Some(buf.len())
             }
-            _ => None,
+            None => None,
         };
         match served {
             Some(n) => {
@@ -385,10 +385,9 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
 }
 
 /// Queues one kernel scattering every servable chunk from pinned L1 into the
-/// instance's blocks; the reply is built after the copy finished. Disk
-/// objects are first read into their new (pinned) L1 object on this thread;
-/// a disk object with no L1 room is reported missing (the kernel reads only
-/// pinned memory).
+/// instance's blocks; the reply is built after the copy finished. A buffer
+/// source is reported missing (the kernel reads only pinned memory; the
+/// instance does not read one for CUDA memory).
 fn scatter_on_device(
     engine: &CopyEngine,
     job: ScatterJob,
@@ -402,21 +401,17 @@ fn scatter_on_device(
     let mut held = Vec::with_capacity(job.objects.len());
     let mut bytes = 0;
     for (i, object) in job.objects.into_iter().enumerate() {
-        let servable = match object {
-            Some(ScatterSource::L1(obj)) => Some(ScatterSource::L1(obj)),
-            Some(ScatterSource::Promote(key, ticket)) if read_from_disk(&job.disk, &key, &ticket) => {
-                Some(ScatterSource::Promote(key, ticket))
+        let source = match object {
+            Some(s @ (ScatterSource::L1(_) | ScatterSource::Promoted(_))) => s,
+            Some(ScatterSource::Buffer(_)) | None => {
+                outcomes.push(RetrieveOutcome::Missing);
+                continue;
             }
-            _ => None,
-        };
-        let Some(source) = servable else {
-            outcomes.push(RetrieveOutcome::Missing);
-            continue;
         };
         let obj: &dyn ObjectBytes = match &source {
             ScatterSource::L1(g) => g,
-            ScatterSource::Promote(_, t) => t,
-            ScatterSource::DiskOnly(_, b) => b,
+            ScatterSource::Promoted(t) => t,
+            ScatterSource::Buffer(b) => b,
         };
         bytes += obj.len() as u64;
         let addr = obj.as_ptr() as u64;
@@ -436,7 +431,7 @@ fn scatter_on_device(
         let _hold = mem;
         let result = r.map_err(internal).map(|_| {
             for source in held {
-                if let ScatterSource::Promote(_, ticket) = source {
+                if let ScatterSource::Promoted(ticket) = source {
                     ticket.commit();
                 }
             }
@@ -453,10 +448,10 @@ fn scatter_on_device(
     Ok(rx)
 }
 
-impl Handler<Crash> for GpuWorker {
+impl Handler<Crash> for CopyLane {
     type Result = ();
 
     fn handle(&mut self, _: Crash, _: &mut Self::Context) {
-        panic!("injected fault: gpu worker {} crashes", self.lane);
+        panic!("injected fault: copy lane {} crashes", self.lane);
     }
 }
