@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn each_bad_input_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut Vec<TensorDesc>)>, ErrorKind, &str)> = vec![
+        type Break = Box<dyn Fn(&mut Vec<TensorDesc>)>;
+        let cases: Vec<(Break, ErrorKind, &str)> = vec![
             (Box::new(|t| t.clear()), ErrorKind::InvalidArgument, "empty"),
             (
                 Box::new(|t| t[1].device = "cuda".into()),
