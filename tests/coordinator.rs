@@ -80,6 +80,47 @@ async fn lookup_counts_contiguous_chunks_only_when_every_rank_holds_them() {
 }
 
 #[actix_rt::test]
+async fn lookup_by_model_from_a_client_that_registered_nothing_leases_what_the_workers_retrieve() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    // The scheduler: its own connection, no registration.
+    let scheduler = core_client(server.endpoint());
+    let mut link = scheduler.link();
+    tokio::time::timeout(T, link.wait_for(|s| s.connection.is_some())).await.unwrap().unwrap();
+    let h = prefix_hashes("test-model", 11, 0, 3, 256);
+    let unknown = scheduler.lookup_model("no-such-model", 2, h.clone(), true).await;
+    assert_eq!((unknown.chunks, unknown.lease, unknown.error), (0, None, None), "an unknown model is a plain miss");
+
+    let mut r0 = worker(&server, 11, 0, 2).await;
+    let mut r1 = worker(&server, 11, 1, 2).await;
+    let (b0, _) = r0.store_prefix(&h).await.unwrap();
+    assert_eq!(scheduler.lookup_model("test-model", 2, h.clone(), false).await.chunks, 0, "rank 1 holds none yet");
+    let (b1, _) = r1.store_prefix(&h).await.unwrap();
+    assert_eq!(scheduler.lookup_model("test-model", 4, h.clone(), false).await.chunks, 0, "another TP degree");
+    let found = scheduler.lookup_model("test-model", 2, h.clone(), true).await;
+    assert_eq!((found.chunks, found.error.clone()), (3, None));
+    assert!(found.lease.is_some());
+    assert_eq!(scheduler.stats().await.unwrap().leases, 1);
+
+    // Each worker retrieves into other blocks with the scheduler's lease.
+    for (w, stored) in [(&mut r0, &b0), (&mut r1, &b1)] {
+        let (r, v) = w.retrieve_and_verify(&h, stored, found.lease).await.unwrap();
+        assert_eq!((r.prefix_retrieved(), v.chunks_retrieved, v.corrupt_chunks), (3, 3, 0));
+    }
+    assert_eq!(scheduler.stats().await.unwrap().leases, 0, "both ranks' retrieves released the lease");
+    let empty = scheduler.call(
+        RequestBody::LookupModel(LookupByModel {
+            model: "test-model".into(),
+            world_size: 2,
+            chunks: vec![],
+            lease: false,
+        }),
+        T,
+    );
+    assert_eq!(kind(empty.await), ErrorKind::InvalidArgument);
+}
+
+#[actix_rt::test]
 async fn eviction_under_a_small_l1_never_evicts_a_leased_chunk_nor_serves_other_bytes() {
     let dir = tempfile::tempdir().unwrap();
     // 8 MiB of L1 holds 8 chunks of 1 MiB (plus page rounding: 7 or 8).

@@ -322,6 +322,12 @@ impl L1Store {
         *ix.models.entry((model.to_string(), world_size)).or_insert(next)
     }
 
+    /// The id of (model, world size) if anything ever made it; never makes
+    /// one, so a lookup for a model nobody registered leaves no trace.
+    pub fn find_model(&self, model: &str, world_size: u32) -> Option<ModelId> {
+        self.index.lock().models.get(&(model.to_string(), world_size)).copied()
+    }
+
     /// Reserves room for a new object of `bytes`, evicting least recently
     /// used evictable objects as needed.
     pub fn reserve(self: &Arc<Self>, key: ObjectKey, bytes: u64) -> std::io::Result<Reservation> {
@@ -592,6 +598,16 @@ mod tests {
         drop(t);
         assert_eq!(l1.usage().used, 0);
         assert!(matches!(l1.reserve(k, 4096).unwrap(), Reservation::Write(_)));
+    }
+
+    #[test]
+    fn find_model_never_interns() {
+        let l1 = L1Store::new(Arena::host(1 << 20), Duration::from_secs(10));
+        assert_eq!(l1.find_model("m", 2), None);
+        assert_eq!(l1.find_model("m", 2), None, "asking did not make it");
+        let m = l1.model_id("m", 2);
+        assert_eq!(l1.find_model("m", 2), Some(m));
+        assert_eq!(l1.find_model("m", 4), None, "world size is part of the key");
     }
 
     #[test]

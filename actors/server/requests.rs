@@ -134,6 +134,21 @@ pub async fn serve(
             Counters::add(&c.lookup_hit_chunks, found as u64);
             Ok(ReplyBody::Found { chunks: found, lease })
         }
+        RequestBody::LookupModel(l) => {
+            // From a process that need not have registered (a scheduler):
+            // by model name, which is never interned here, so an unknown one
+            // finds nothing and leaves no trace.
+            check_chunks(shared, l.chunks.len())?;
+            let (found, lease) = match shared.l1.find_model(&l.model, l.world_size) {
+                Some(model) => shared.l1.lookup(model, l.world_size, &l.chunks, l.lease, session),
+                None => (0, None),
+            };
+            let c = &shared.counters;
+            Counters::add(&c.lookups, 1);
+            Counters::add(&c.lookup_asked_chunks, l.chunks.len() as u64);
+            Counters::add(&c.lookup_hit_chunks, found as u64);
+            Ok(ReplyBody::Found { chunks: found, lease })
+        }
         RequestBody::ReleaseLease { lease } => {
             if shared.l1.release(lease) {
                 Ok(ReplyBody::LeaseReleased)

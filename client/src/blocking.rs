@@ -164,6 +164,10 @@ impl BlockingClient {
         self.block_on(self.client.lookup(instance, chunks, lease))
     }
 
+    pub fn lookup_model(&self, model: &str, world_size: u32, chunks: Vec<ChunkHash>, lease: bool) -> LookupResult {
+        self.block_on(self.client.lookup_model(model, world_size, chunks, lease))
+    }
+
     pub fn retrieve(
         &self,
         instance: InstanceKey,

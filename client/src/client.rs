@@ -15,9 +15,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use kvcoord_transport::{
-    ChunkHash, ErrorKind, FaultTarget, InstanceKey, LeaseId, LinkState, LookupPrefix, ReconnectingClient,
-    RegisterKvCache, ReplyBody, RequestBody, RequestError, RetrieveChunks, RetrieveOutcome, ServerEpoch, ServerStats,
-    StatusReport, StoreChunks, StoreOutcome, WireError,
+    ChunkHash, ErrorKind, FaultTarget, InstanceKey, LeaseId, LinkState, LookupByModel, LookupPrefix,
+    ReconnectingClient, RegisterKvCache, ReplyBody, RequestBody, RequestError, RetrieveChunks, RetrieveOutcome,
+    ServerEpoch, ServerStats, StatusReport, StoreChunks, StoreOutcome, WireError,
 };
 use tokio::time::Instant;
 
@@ -180,6 +180,25 @@ impl Client {
     /// Leading chunks held for every rank; a miss (0) on any failure.
     pub async fn lookup(&self, instance: InstanceKey, chunks: Vec<ChunkHash>, lease: bool) -> LookupResult {
         let body = RequestBody::Lookup(LookupPrefix { instance, chunks, lease });
+        match self.request(body).await {
+            Ok(ReplyBody::Found { chunks, lease }) => LookupResult { chunks, lease, error: None },
+            Ok(other) => LookupResult { chunks: 0, lease: None, error: Some(unexpected(other)) },
+            Err(e) => LookupResult { chunks: 0, lease: None, error: Some(e) },
+        }
+    }
+
+    /// Leading chunks held for every rank of `world_size` ranks of `model`,
+    /// asked without a registration (an engine's scheduler is another
+    /// process than its workers). The lease belongs to this client's
+    /// connection, and any rank's retrieve may use it. A miss (0) on any failure.
+    pub async fn lookup_model(
+        &self,
+        model: &str,
+        world_size: u32,
+        chunks: Vec<ChunkHash>,
+        lease: bool,
+    ) -> LookupResult {
+        let body = RequestBody::LookupModel(LookupByModel { model: model.to_string(), world_size, chunks, lease });
         match self.request(body).await {
             Ok(ReplyBody::Found { chunks, lease }) => LookupResult { chunks, lease, error: None },
             Ok(other) => LookupResult { chunks: 0, lease: None, error: Some(unexpected(other)) },

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kvcoord_transport::{Endpoint, ReconnectOptions};
+use kvcoord_transport::{Endpoint, ErrorKind, ReconnectOptions, WireError};
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -27,6 +27,55 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             register_timeout: Duration::from_secs(30),
             disconnected_wait: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Parses an endpoint URL strictly: `unix:///path/to/socket` (or
+/// `unix:/path`) or `tcp://host:port`. Anything else is `InvalidArgument`
+/// (the transport's own parser also takes a bare path; bindings use this one
+/// so that a typo is an error, not a socket path).
+pub fn parse_endpoint(url: &str) -> Result<Endpoint, WireError> {
+    let bad = |why: &str| {
+        WireError::new(
+            ErrorKind::InvalidArgument,
+            format!("endpoint {url:?}: {why}; expected unix:///path/to/socket or tcp://host:port"),
+        )
+    };
+    if let Some(addr) = url.strip_prefix("tcp://") {
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("no host"));
+        }
+        port.parse::<u16>().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+        Ok(Endpoint::Tcp(addr.to_string()))
+    } else if let Some(path) = url.strip_prefix("unix://").or_else(|| url.strip_prefix("unix:")) {
+        if path.is_empty() {
+            return Err(bad("empty socket path"));
+        }
+        Ok(Endpoint::Unix(path.into()))
+    } else {
+        Err(bad("unknown scheme"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_strictly() {
+        assert_eq!(parse_endpoint("unix:///tmp/kv.sock").unwrap(), Endpoint::Unix("/tmp/kv.sock".into()));
+        assert_eq!(parse_endpoint("unix:/tmp/kv.sock").unwrap(), Endpoint::Unix("/tmp/kv.sock".into()));
+        assert_eq!(parse_endpoint("tcp://127.0.0.1:7070").unwrap(), Endpoint::Tcp("127.0.0.1:7070".into()));
+        assert_eq!(parse_endpoint("tcp://[::1]:7070").unwrap(), Endpoint::Tcp("[::1]:7070".into()));
+        for bad in
+            ["", "/tmp/kv.sock", "http://x:1", "unix://", "tcp://host", "tcp://:80", "tcp://h:99999", "tcp://h:x"]
+        {
+            let e = parse_endpoint(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{bad}");
+            assert!(e.message.contains("expected unix:///"), "{}", e.message);
         }
     }
 }

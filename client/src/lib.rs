@@ -16,8 +16,9 @@ mod blocking;
 mod client;
 mod config;
 mod registrations;
+pub mod tensors;
 
 pub use blocking::{BlockingClient, Pending, PendingError};
 pub use client::{Client, LookupResult, RetrieveResult};
-pub use config::ClientConfig;
+pub use config::{parse_endpoint, ClientConfig};
 pub use registrations::Registration;

@@ -46,6 +46,18 @@ pub trait KvMemory: Send + Sync {
     }
 }
 
+/// A new memfd of `len` zeroed bytes, sealed against shrinking, growing and
+/// further sealing: the only kind of memfd the server maps.
+pub fn sealed_memfd(name: &str, len: u64) -> Result<OwnedFd, HostMemoryError> {
+    let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(|e| HostMemoryError::Io { op: "memfd_create", source: e.into() })?;
+    let file = File::from(fd);
+    file.set_len(len).map_err(io("ftruncate"))?;
+    fcntl(file.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL))
+        .map_err(|e| HostMemoryError::Io { op: "F_ADD_SEALS", source: e.into() })?;
+    Ok(OwnedFd::from(file))
+}
+
 /// Client side: a TP worker's KV cache allocated in a sealed memfd. Its file
 /// descriptor is what travels to the server (SCM_RIGHTS) at registration.
 pub struct HostKvCache {
@@ -58,15 +70,7 @@ impl HostKvCache {
     /// Allocates zeroed memory for `layout` in a new memfd and seals its size.
     pub fn create(name: &str, layout: KvLayout) -> Result<Self, HostMemoryError> {
         layout.validate()?;
-        let fd: OwnedFd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
-            .map_err(|e| HostMemoryError::Io { op: "memfd_create", source: e.into() })?;
-        let file = File::from(fd);
-        file.set_len(layout.total_bytes()).map_err(io("ftruncate"))?;
-        fcntl(
-            file.as_fd(),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
-        )
-        .map_err(|e| HostMemoryError::Io { op: "F_ADD_SEALS", source: e.into() })?;
+        let file = File::from(sealed_memfd(name, layout.total_bytes())?);
         let map = MmapOptions::new().map_raw(&file).map_err(io("mmap"))?;
         Ok(HostKvCache { file, map, layout })
     }

@@ -11,9 +11,11 @@ pub mod cuda;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod shared;
 
 pub use arena::{Allocation, Arena, ArenaUsage, Extent, ObjectBytes};
 pub use copy::CopyError;
-pub use host::{HostKvCache, HostMapping, KvMemory};
+pub use host::{sealed_memfd, HostKvCache, HostMapping, KvMemory};
 pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError};
 pub use memory::{CudaIpcLayer, MemoryHandle};
+pub use shared::{RegionError, RegionRegistry, SharedRegion};

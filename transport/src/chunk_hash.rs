@@ -5,6 +5,15 @@
 //! `h[i] = blake3(h[i-1] || tokens of chunk i as little-endian u32)`, with
 //! `h[-1] = blake3("kvcoord-chunk-v1" || salt)`. A trailing partial chunk is
 //! not hashed: only whole chunks are cached.
+//!
+//! Test vectors (tokens, chunk tokens, salt -> hex of each chunk's key), checked
+//! by `fixed_test_vectors` below and by the Python package's tests:
+//!
+//! - `0..8`, 4, `""` -> `636ee17d45747f90f6b08ecf0f47f008615bdd62c85f312c96f52b8ec6cbc2fc`,
+//!   `539b88cb0c75ee5f52c243cbb968e7d513296360b222ae800079981dfb83fa8e`
+//! - `[1, 2, 3]`, 2, `"s"` -> `f25957086639e372633acc36f25efe6f1bd3ecbe22f1a80f6d3da0059f03960c`
+//! - `0..8`, 4, `"model-a"` -> `96668a8edc97304b72479d326f0998f47eeab607c9a710f56b7d86fc0c1413ba`,
+//!   `0be9dc71cd91a1ca12262dd1588a24d8397cabaf2b6625ab666f351d5ac3c6ea`
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -112,5 +121,31 @@ mod tests {
         b[300] = 7;
         assert_eq!(chunk_hashes(&a, 256, b"")[0], chunk_hashes(&b, 256, b"")[0]);
         assert_ne!(chunk_hashes(&a, 256, b"x")[0], chunk_hashes(&a, 256, b"")[0]);
+    }
+
+    /// The test vectors in the module docs (and in the Python package's
+    /// `kvcoord.chunk_hashes` docstring and its pytest): a change here is a
+    /// change of every chunk's name, so a cache written before it misses.
+    #[test]
+    fn fixed_test_vectors() {
+        let hex = |h: &ChunkHash| h.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hexes = |t: &[u32], c: usize, s: &[u8]| chunk_hashes(t, c, s).iter().map(hex).collect::<Vec<_>>();
+        let zero_to_7: Vec<u32> = (0..8).collect();
+        assert_eq!(
+            hexes(&zero_to_7, 4, b""),
+            [
+                "636ee17d45747f90f6b08ecf0f47f008615bdd62c85f312c96f52b8ec6cbc2fc",
+                "539b88cb0c75ee5f52c243cbb968e7d513296360b222ae800079981dfb83fa8e"
+            ]
+        );
+        assert_eq!(hexes(&[1, 2, 3], 2, b"s"), ["f25957086639e372633acc36f25efe6f1bd3ecbe22f1a80f6d3da0059f03960c"]);
+        assert_eq!(
+            hexes(&zero_to_7, 4, b"model-a"),
+            [
+                "96668a8edc97304b72479d326f0998f47eeab607c9a710f56b7d86fc0c1413ba",
+                "0be9dc71cd91a1ca12262dd1588a24d8397cabaf2b6625ab666f351d5ac3c6ea"
+            ]
+        );
+        assert!(hexes(&[5, 6, 7], 4, b"").is_empty(), "no whole chunk");
     }
 }

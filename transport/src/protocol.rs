@@ -12,7 +12,7 @@ use crate::chunk_hash::ChunkHash;
 use crate::error::WireError;
 
 /// Bumped on any incompatible change to any frame.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A random value chosen at every server start. A client that sees a new
 /// epoch knows the server lost every registration.
@@ -134,6 +134,18 @@ pub struct LookupPrefix {
     pub lease: bool,
 }
 
+/// [`LookupPrefix`] by model instead of by instance, for a process that
+/// registered nothing (an engine's scheduler is another process than its
+/// workers). An unknown model finds 0 chunks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LookupByModel {
+    pub model: String,
+    pub world_size: u32,
+    pub chunks: Vec<ChunkHash>,
+    /// As in [`LookupPrefix`]; the lease belongs to this connection's session.
+    pub lease: bool,
+}
+
 /// Copy chunks back into blocks; `block_ids` as in [`StoreChunks`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RetrieveChunks {
@@ -174,6 +186,8 @@ pub enum RequestBody {
     InjectFault(FaultTarget),
     /// Everything an operator wants to see: instances, L1, hit rates.
     Status,
+    /// A lookup by model from a connection that need not have registered.
+    LookupModel(LookupByModel),
 }
 
 impl RequestBody {
@@ -191,6 +205,7 @@ impl RequestBody {
             RequestBody::Stats => "stats",
             RequestBody::InjectFault(_) => "inject_fault",
             RequestBody::Status => "status",
+            RequestBody::LookupModel(_) => "lookup_model",
         }
     }
 

@@ -68,6 +68,9 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
             chunks,
             lease
         })),
+        (".{0,40}", any::<u32>(), hashes(), any::<bool>()).prop_map(|(model, world_size, chunks, lease)| {
+            RequestBody::LookupModel(LookupByModel { model, world_size, chunks, lease })
+        }),
         (instance(), hashes(), ids(), prop::option::of(any::<u64>().prop_map(LeaseId))).prop_map(
             |(instance, chunks, block_ids, lease)| {
                 RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease })
