@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod block_access;
 pub mod child;
+pub mod client_bench;
 pub mod demo;
 pub mod gpu_baselines;
 pub mod gpu_blocks;

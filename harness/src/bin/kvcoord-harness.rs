@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kvcoord_harness::{bench, demo, gpu_check, load};
+use kvcoord_harness::{bench, client_bench, demo, gpu_check, load};
 
 #[derive(Parser)]
 #[command(name = "kvcoord-harness", version, about = "kvcoord's demo, benchmarks and GPU check")]
@@ -25,6 +25,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The CUDA backend's end-to-end check and bandwidth benchmark (GPU machines).
     GpuCheck(gpu_check::GpuCheckArgs),
+    /// The Rust client's side of the Python-vs-Rust client benchmark
+    /// (python/benches/client_vs_rust.py), against a running coordinator.
+    ClientBench(client_bench::ClientBenchArgs),
     /// A coordinator process (`kvcoord serve`), for the commands above.
     #[command(hide = true)]
     Serve(Box<kvcoord::cli::serve::ServeArgs>),
@@ -45,6 +48,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::GpuCheck(args) => gpu_check::run(args),
+        Command::ClientBench(args) => client_bench::run(args),
         Command::GpuWorker(args) => gpu_check::worker(args),
         Command::LookupLoad(args) => bench::lookup_load(args),
         Command::Load(args) => load::run(args),
