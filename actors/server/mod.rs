@@ -190,7 +190,9 @@ impl Coordinator {
         let socket_opts = UnixSocketOptions {
             mode: crate::config::parse_mode(&config.socket_mode).expect("validated"),
             group: match &config.socket_group {
-                Some(g) => Some(resolve_group(g).map_err(|why| crate::config::ConfigError { key: "socket_group", why })?),
+                Some(g) => {
+                    Some(resolve_group(g).map_err(|why| crate::config::ConfigError { key: "socket_group", why })?)
+                }
                 None => None,
             },
             private_dir: config.socket.parent() == Some(crate::config::default_socket_dir().as_path()),

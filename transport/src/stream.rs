@@ -196,22 +196,36 @@ impl FrameReader {
                     sock.readable().await?;
                     let (buf, cmsg) = (&mut self.buf[end..], &mut self.cmsg);
                     let res = sock.try_io(Interest::READABLE, || {
+                        // A header the kernel does not overwrite reads as "no
+                        // descriptors", never as a stale message.
+                        cmsg.fill(0);
                         let mut iov = [IoSliceMut::new(buf)];
-                        let msg = recvmsg::<()>(raw, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                            .map_err(std::io::Error::from)?;
-                        // Own every descriptor before anything can fail, so
-                        // every path below closes them.
-                        let mut fds = Vec::new();
-                        let cmsgs = msg.cmsgs().map_err(std::io::Error::from)?;
-                        for c in cmsgs {
-                            if let ControlMessageOwned::ScmRights(r) = c {
-                                // SAFETY: the kernel has just installed these
-                                // descriptors in our table for this message;
-                                // nothing else in the process knows them.
-                                fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                        let (n, truncated, mut fds) = {
+                            let msg = recvmsg::<()>(raw, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                                .map_err(std::io::Error::from)?;
+                            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                            // Own every descriptor before anything can fail,
+                            // so every path below closes them.
+                            let mut fds = Vec::new();
+                            if !truncated {
+                                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                                    if let ControlMessageOwned::ScmRights(r) = c {
+                                        // SAFETY: the kernel has just installed
+                                        // these in our table for this message;
+                                        // nothing else in the process knows them.
+                                        fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                                    }
+                                }
                             }
+                            (msg.bytes, truncated, fds)
+                        };
+                        if truncated {
+                            // nix will not iterate a truncated buffer, but
+                            // the kernel installed the descriptors that fit
+                            // (e.g. up to our descriptor limit): take them.
+                            fds = truncated_rights(cmsg);
                         }
-                        Ok((msg.bytes, fds, msg.flags.contains(MsgFlags::MSG_CTRUNC)))
+                        Ok((n, fds, truncated))
                     });
                     match res {
                         Ok((n, fds, truncated)) => {
@@ -236,6 +250,30 @@ impl FrameReader {
         self.end += n;
         Ok(n)
     }
+}
+
+/// The descriptors of the one SCM_RIGHTS message at the start of `cmsg`
+/// after a truncated `recvmsg` (the kernel writes a whole header for the
+/// descriptors it installed), owned.
+fn truncated_rights(cmsg: &[u8]) -> Vec<OwnedFd> {
+    use nix::libc;
+    let word = std::mem::size_of::<usize>();
+    // SAFETY: CMSG_LEN only computes a length.
+    let data = unsafe { libc::CMSG_LEN(0) } as usize;
+    if cmsg.len() < data {
+        return Vec::new();
+    }
+    let len = usize::from_ne_bytes(cmsg[..word].try_into().expect("a word"));
+    let level = i32::from_ne_bytes(cmsg[word..word + 4].try_into().expect("an int"));
+    let kind = i32::from_ne_bytes(cmsg[word + 4..word + 8].try_into().expect("an int"));
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS || len < data || len > cmsg.len() {
+        return Vec::new();
+    }
+    cmsg[data..len]
+        .chunks_exact(4)
+        // SAFETY: the kernel installed these descriptors for this message.
+        .map(|b| unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(b.try_into().expect("an int"))) })
+        .collect()
 }
 
 impl FrameWriter {
