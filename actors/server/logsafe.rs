@@ -17,8 +17,7 @@ pub struct Sanitized<'a>(pub &'a str);
 
 impl fmt::Display for Sanitized<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0usize;
-        for (i, c) in self.0.char_indices() {
+        for (shown, (i, c)) in self.0.char_indices().enumerate() {
             if shown == MAX_LOGGED_CHARS {
                 return write!(f, "...(+{} bytes)", self.0.len() - i);
             }
@@ -27,7 +26,6 @@ impl fmt::Display for Sanitized<'_> {
             } else {
                 write!(f, "{c}")?;
             }
-            shown += 1;
         }
         Ok(())
     }
