@@ -63,8 +63,23 @@ pub enum LogFormat {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Unix socket path clients connect to.
+    /// Unix socket path clients connect to. Default: [`default_socket_path`].
     pub socket: PathBuf,
+    /// Permission bits of the Unix socket file, in octal (`"0600"`: only the
+    /// server's user may connect), set whatever the umask.
+    pub socket_mode: String,
+    /// Group (name or numeric id) given the Unix socket file; with a
+    /// `socket_mode` like `"0660"`, its members may connect too.
+    pub socket_group: Option<String>,
+    /// Most client connections open at once (handshaking or not); the next
+    /// one gets a `Refused(Unavailable)` frame and is closed.
+    pub max_connections: u32,
+    /// Milliseconds after which a connection with no request in flight that
+    /// sent nothing is closed (`Refused(Timeout)`); 0: never.
+    pub idle_timeout_ms: u64,
+    /// Requests of one connection served at once; beyond it the server stops
+    /// reading that connection until replies have been written.
+    pub max_in_flight_per_session: u32,
     /// Optional TCP address (`host:port`) as well.
     pub tcp: Option<String>,
     /// L1 capacity.
@@ -107,7 +122,12 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            socket: PathBuf::from("/tmp/kvcoord.sock"),
+            socket: default_socket_path(),
+            socket_mode: "0600".to_string(),
+            socket_group: None,
+            max_connections: 1024,
+            idle_timeout_ms: 300_000,
+            max_in_flight_per_session: 1024,
             tcp: None,
             l1_size: ByteSize::gib(1),
             l1_prealloc: false,
@@ -132,6 +152,34 @@ impl Default for ServerConfig {
     }
 }
 
+/// The directory of the default socket: `$XDG_RUNTIME_DIR/kvcoord` when the
+/// session has a runtime directory, else `/run/kvcoord`. The server creates
+/// it with mode 0700 and refuses one that another user owns.
+pub fn default_socket_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("kvcoord"),
+        None => PathBuf::from("/run/kvcoord"),
+    }
+}
+
+/// The default Unix socket: `kvcoord.sock` in [`default_socket_dir`].
+pub fn default_socket_path() -> PathBuf {
+    default_socket_dir().join("kvcoord.sock")
+}
+
+/// The longest time any `*_ms` setting may name (30 days): longer ones would
+/// overflow a deadline computed from them.
+pub const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Parses permission bits written in octal (`"0600"`, `"660"`, `"0o660"`).
+pub fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
 /// A configuration value that cannot be used; names the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration `{key}`: {why}")]
@@ -154,6 +202,9 @@ impl ServerConfig {
         if self.chunk_tokens == 0 {
             return bad("chunk_tokens", "must be positive");
         }
+        if self.chunk_tokens > 1 << 24 {
+            return bad("chunk_tokens", "must be at most 16777216");
+        }
         if !(1..=64).contains(&self.copy_lanes) {
             return bad("copy_lanes", "must be between 1 and 64");
         }
@@ -175,6 +226,46 @@ impl ServerConfig {
         }
         if self.socket.as_os_str().is_empty() {
             return bad("socket", "must not be empty");
+        }
+        // sun_path holds 108 bytes with the terminating NUL.
+        if self.socket.as_os_str().len() > 107 {
+            return bad("socket", "must be at most 107 bytes (the kernel's limit on a socket path)");
+        }
+        match parse_mode(&self.socket_mode) {
+            None => return bad("socket_mode", "must be octal permission bits, e.g. \"0600\""),
+            Some(m) if m & 0o600 != 0o600 => {
+                return bad("socket_mode", "must let the owner read and write (0600 at least)")
+            }
+            Some(_) => {}
+        }
+        if self.socket_group.as_deref().is_some_and(str::is_empty) {
+            return bad("socket_group", "must not be empty");
+        }
+        if self.tcp.as_deref().is_some_and(|a| a.is_empty() || !a.contains(':')) {
+            return bad("tcp", "must be an address like 127.0.0.1:7070");
+        }
+        if !(1..=1 << 20).contains(&self.max_connections) {
+            return bad("max_connections", "must be between 1 and 1048576");
+        }
+        if !(1..=1 << 20).contains(&self.max_in_flight_per_session) {
+            return bad("max_in_flight_per_session", "must be between 1 and 1048576");
+        }
+        if self.idle_timeout_ms != 0 && self.idle_timeout_ms < 100 {
+            return bad("idle_timeout_ms", "must be 0 (off) or at least 100");
+        }
+        if self.lease_ttl_ms == 0 {
+            return bad("lease_ttl_ms", "must be positive (a lease of 0 ms pins nothing)");
+        }
+        for (key, v) in [
+            ("grace_ms", self.grace_ms),
+            ("lease_ttl_ms", self.lease_ttl_ms),
+            ("max_deadline_ms", self.max_deadline_ms),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if v > MAX_MS {
+                return bad(key, "must be at most 30 days (2592000000 ms)");
+            }
         }
         if let Some(addr) = self.admin_addr() {
             if addr.parse::<std::net::SocketAddr>().is_err() {
@@ -228,5 +319,50 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "max_frame_bytes");
         let c = ServerConfig { chunk_tokens: 0, ..Default::default() };
         assert_eq!(c.validate().unwrap_err().key, "chunk_tokens");
+    }
+
+    #[test]
+    fn caps_timeouts_and_socket_settings_are_validated_naming_the_key() {
+        let key = |c: ServerConfig| c.validate().unwrap_err().key;
+        let d = ServerConfig::default;
+        assert_eq!(key(ServerConfig { max_connections: 0, ..d() }), "max_connections");
+        assert_eq!(key(ServerConfig { max_connections: u32::MAX, ..d() }), "max_connections");
+        assert_eq!(key(ServerConfig { max_in_flight_per_session: 0, ..d() }), "max_in_flight_per_session");
+        assert_eq!(key(ServerConfig { idle_timeout_ms: 5, ..d() }), "idle_timeout_ms");
+        assert!(ServerConfig { idle_timeout_ms: 0, ..d() }.validate().is_ok(), "0 turns the idle timeout off");
+        assert_eq!(key(ServerConfig { idle_timeout_ms: u64::MAX, ..d() }), "idle_timeout_ms");
+        assert_eq!(key(ServerConfig { lease_ttl_ms: 0, ..d() }), "lease_ttl_ms");
+        assert_eq!(key(ServerConfig { lease_ttl_ms: u64::MAX, ..d() }), "lease_ttl_ms", "Instant + ttl would panic");
+        assert_eq!(key(ServerConfig { grace_ms: u64::MAX, ..d() }), "grace_ms");
+        assert_eq!(key(ServerConfig { max_deadline_ms: u64::MAX, ..d() }), "max_deadline_ms");
+        assert_eq!(key(ServerConfig { shutdown_timeout_ms: u64::MAX, ..d() }), "shutdown_timeout_ms");
+        assert_eq!(key(ServerConfig { chunk_tokens: u32::MAX, ..d() }), "chunk_tokens");
+        for bad_mode in ["", "rw", "0800", "1777", "0400", "0o000", "12345"] {
+            assert_eq!(key(ServerConfig { socket_mode: bad_mode.into(), ..d() }), "socket_mode", "{bad_mode:?}");
+        }
+        for good_mode in ["0600", "660", "0o660", "0777"] {
+            assert!(ServerConfig { socket_mode: good_mode.into(), ..d() }.validate().is_ok(), "{good_mode}");
+        }
+        assert_eq!(key(ServerConfig { socket_group: Some(String::new()), ..d() }), "socket_group");
+        assert_eq!(key(ServerConfig { socket: PathBuf::from("/".repeat(200)), ..d() }), "socket");
+        assert_eq!(key(ServerConfig { tcp: Some("7070".into()), ..d() }), "tcp");
+        assert_eq!(key(ServerConfig { copy_lanes: 65, ..d() }), "copy_lanes");
+        assert_eq!(key(ServerConfig { gpu_streams: 0, ..d() }), "gpu_streams");
+        assert_eq!(key(ServerConfig { l1_size: ByteSize::kib(4), ..d() }), "l1_size");
+        assert_eq!(key(ServerConfig { max_frame_bytes: u32::MAX, ..d() }), "max_frame_bytes");
+        assert_eq!(key(ServerConfig { admin: "nowhere".into(), ..d() }), "admin");
+        assert_eq!(key(ServerConfig { admin_token: Some(String::new()), ..d() }), "admin_token");
+        let disk = ServerConfig { disk_dir: Some("/tmp/x".into()), disk_size: ByteSize::kib(1), ..d() };
+        assert_eq!(key(disk), "disk_size");
+    }
+
+    #[test]
+    fn the_default_socket_lives_in_a_private_runtime_directory() {
+        let p = default_socket_path();
+        assert_eq!(p.file_name().unwrap(), "kvcoord.sock");
+        assert_eq!(p.parent().unwrap(), default_socket_dir());
+        assert!(default_socket_dir().ends_with("kvcoord"));
+        assert_eq!(parse_mode("0600"), Some(0o600));
+        assert_eq!(parse_mode("0o660"), Some(0o660));
     }
 }

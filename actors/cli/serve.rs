@@ -18,9 +18,27 @@ pub struct ServeArgs {
     /// TOML configuration file (keys as in `--print-config`).
     #[arg(long, env = "KVCOORD_CONFIG")]
     config: Option<PathBuf>,
-    /// Unix socket path.
+    /// Unix socket path (default: `$XDG_RUNTIME_DIR/kvcoord/kvcoord.sock`,
+    /// else `/run/kvcoord/kvcoord.sock`).
     #[arg(long, env = "KVCOORD_SOCKET")]
     socket: Option<PathBuf>,
+    /// Permission bits of the socket file, octal (default 0600), whatever the umask.
+    #[arg(long, env = "KVCOORD_SOCKET_MODE")]
+    socket_mode: Option<String>,
+    /// Group (name or id) given the socket file (with e.g. `--socket-mode 0660`).
+    #[arg(long, env = "KVCOORD_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// Most client connections open at once; the next one is refused.
+    #[arg(long, env = "KVCOORD_MAX_CONNECTIONS")]
+    max_connections: Option<u32>,
+    /// Milliseconds before an idle connection (nothing in flight, nothing
+    /// received) is closed; 0: never.
+    #[arg(long, env = "KVCOORD_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Requests of one connection served at once; beyond it the server
+    /// stops reading that connection until its replies are written.
+    #[arg(long, env = "KVCOORD_MAX_IN_FLIGHT_PER_SESSION")]
+    max_in_flight_per_session: Option<u32>,
     /// Also listen on this TCP address (host:port).
     #[arg(long, env = "KVCOORD_TCP")]
     tcp: Option<String>,
@@ -96,6 +114,10 @@ impl ServeArgs {
         }
         set!(
             socket,
+            socket_mode,
+            max_connections,
+            idle_timeout_ms,
+            max_in_flight_per_session,
             l1_size,
             chunk_tokens,
             backend,
@@ -113,6 +135,9 @@ impl ServeArgs {
         );
         if self.disk_dir.is_some() {
             c.disk_dir = self.disk_dir.clone();
+        }
+        if self.socket_group.is_some() {
+            c.socket_group = self.socket_group.clone();
         }
         if self.tcp.is_some() {
             c.tcp = self.tcp.clone();

@@ -11,8 +11,8 @@ use kvcoord_transport::{ConnectOptions, Connection, Endpoint, ReplyBody, Request
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// The coordinator's Unix socket.
-    #[arg(long, env = "KVCOORD_SOCKET", default_value = "/tmp/kvcoord.sock")]
+    /// The coordinator's Unix socket (default: the server's default socket).
+    #[arg(long, env = "KVCOORD_SOCKET", default_value_os_t = crate::config::default_socket_path())]
     socket: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]

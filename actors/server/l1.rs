@@ -490,7 +490,15 @@ impl L1Store {
             let ix = self.index.lock();
             ix.leases.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| *id).collect()
         };
-        expired.iter().filter(|&&id| self.release(LeaseId(id))).count()
+        let n = expired.iter().filter(|&&id| self.release(LeaseId(id))).count();
+        if n > 0 {
+            // A burst of leases must not keep its table once they are gone.
+            let mut ix = self.index.lock();
+            if ix.leases.capacity() > 64 && ix.leases.len() * 4 < ix.leases.capacity() {
+                ix.leases.shrink_to_fit();
+            }
+        }
+        n
     }
 
     /// Releases every lease a session took (the session's client is gone).

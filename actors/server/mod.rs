@@ -24,6 +24,12 @@
 //! - `tier.rs`: the interface of a tier below L1; `disk.rs`: the disk tier.
 //! - `state.rs`: what every actor reads (config, L1, routes); `counters.rs`,
 //!   `metrics.rs`: counts and Prometheus; `admin.rs`: the admin HTTP API.
+//! - `logsafe.rs`: client text escaped for logs, rate-limited warnings.
+//!
+//! Bounded resources at the door (this file): at most `max_connections`
+//! connections open (the next gets `Refused(Unavailable)`), accept failures
+//! back off with a rate-limited warning, and a connection has 5 s and one
+//! small frame to say hello (`handshake.rs`).
 
 pub mod admin;
 pub mod copy_lane;
@@ -32,6 +38,7 @@ pub mod disk;
 pub mod instance;
 pub mod keys;
 pub mod l1;
+pub mod logsafe;
 pub mod metrics;
 pub mod requests;
 pub mod routing;
@@ -49,7 +56,8 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use kvcoord_memory::cuda::{CopyEngine, CopyMethod, CudaDevice, PinnedSlabs};
 use kvcoord_memory::Arena;
-use kvcoord_transport::stream::write_loop;
+use kvcoord_transport::endpoint::UnixSocketOptions;
+use kvcoord_transport::stream::{write_loop, FrameReader, FrameWriter};
 use kvcoord_transport::{
     handshake, Endpoint, ErrorKind, Limits, Listener, ServerEpoch, ServerFrame, ServerStats, Welcome, WireError,
     PROTOCOL_VERSION,
@@ -59,8 +67,9 @@ use tokio::sync::watch;
 use crate::config::{BackendChoice, ServerConfig};
 use counters::Counters;
 use l1::L1Store;
+use logsafe::{RateLimit, Sanitized};
 use session::Session;
-use state::ServerShared;
+use state::{ConnectionSlot, ServerShared};
 use supervisor::{GetStats, Supervisor};
 use tier::Tier;
 
@@ -177,9 +186,20 @@ impl Coordinator {
             }
             None => None,
         };
-        let mut listeners = vec![Self::bind(&Endpoint::Unix(config.socket.clone())).await?];
+        let unix = Endpoint::Unix(config.socket.clone());
+        let socket_opts = UnixSocketOptions {
+            mode: crate::config::parse_mode(&config.socket_mode).expect("validated"),
+            group: match &config.socket_group {
+                Some(g) => {
+                    Some(resolve_group(g).map_err(|why| crate::config::ConfigError { key: "socket_group", why })?)
+                }
+                None => None,
+            },
+            private_dir: config.socket.parent() == Some(crate::config::default_socket_dir().as_path()),
+        };
+        let mut listeners = vec![Self::bind(&unix, &socket_opts).await?];
         if let Some(tcp) = &config.tcp {
-            listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone())).await?);
+            listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone()), &socket_opts).await?);
         }
         let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
         let shared = Arc::new(ServerShared {
@@ -198,6 +218,7 @@ impl Coordinator {
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             sessions: AtomicU64::new(0),
+            open_connections: AtomicUsize::new(0),
             mapped_bytes: AtomicU64::new(0),
         });
         let supervisor = Supervisor::new(shared.clone()).start();
@@ -219,8 +240,10 @@ impl Coordinator {
         Ok(Coordinator { shared, supervisor, endpoints, stop_accepting })
     }
 
-    async fn bind(endpoint: &Endpoint) -> Result<Listener, StartError> {
-        Listener::bind(endpoint).await.map_err(|source| StartError::Bind { endpoint: endpoint.to_string(), source })
+    async fn bind(endpoint: &Endpoint, opts: &UnixSocketOptions) -> Result<Listener, StartError> {
+        Listener::bind_with(endpoint, opts)
+            .await
+            .map_err(|source| StartError::Bind { endpoint: endpoint.to_string(), source })
     }
 
     pub fn epoch(&self) -> ServerEpoch {
@@ -258,6 +281,28 @@ impl Coordinator {
     }
 }
 
+/// A group name (from `/etc/group`) or numeric id.
+fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("reading /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("no group named {group:?}"))
+}
+
+/// First and longest pause after a failed accept (typically EMFILE: the
+/// pending connection stays queued, so retrying at once would spin).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
 async fn accept_loop(
     listener: Listener,
     shared: Arc<ServerShared>,
@@ -265,6 +310,9 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let max = shared.config.max_frame_bytes;
+    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut accept_warnings = RateLimit::new(1);
+    let mut refusal_warnings = RateLimit::new(1);
     loop {
         let accepted = tokio::select! {
             r = listener.accept(max) => r,
@@ -272,21 +320,54 @@ async fn accept_loop(
         };
         match accepted {
             Ok((reader, writer, peer)) => {
-                actix_rt::spawn(open_session(reader, writer, peer, shared.clone(), supervisor.clone()));
+                backoff = ACCEPT_BACKOFF.0;
+                match ConnectionSlot::try_take(&shared) {
+                    Some(slot) => {
+                        actix_rt::spawn(open_session(reader, writer, peer, slot, shared.clone(), supervisor.clone()));
+                    }
+                    None => {
+                        let limit = shared.config.max_connections;
+                        if let Some(suppressed) = refusal_warnings.allow() {
+                            tracing::warn!(peer, limit, suppressed, "connection refused: max_connections reached");
+                        }
+                        actix_rt::spawn(refuse(reader, writer, limit));
+                    }
+                }
             }
             Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(suppressed) = accept_warnings.allow() {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
             }
         }
     }
 }
 
+/// Tells a connection over the cap why it is closed, then closes it (after
+/// reading its hello, if it comes at once, so the refusal is not lost to a
+/// reset).
+async fn refuse(mut reader: FrameReader, mut writer: FrameWriter, limit: u32) {
+    let e = WireError::new(
+        ErrorKind::Unavailable,
+        format!("the coordinator has {limit} connections open, its limit (max_connections); try again later"),
+    );
+    let t = Duration::from_millis(200);
+    if tokio::time::timeout(t, writer.send(&ServerFrame::Refused(e))).await.is_ok() {
+        reader.set_max_frame(handshake::HANDSHAKE_MAX_FRAME_BYTES);
+        let _ = tokio::time::timeout(t, reader.read::<kvcoord_transport::ClientFrame>()).await;
+    }
+}
+
+/// Handshake failures and bad first frames: at most this many logged a second.
+static HANDSHAKE_WARNINGS: parking_lot::Mutex<Option<RateLimit>> = parking_lot::Mutex::new(None);
+
 async fn open_session(
-    mut reader: kvcoord_transport::stream::FrameReader,
-    mut writer: kvcoord_transport::stream::FrameWriter,
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
     peer: String,
+    slot: ConnectionSlot,
     shared: Arc<ServerShared>,
     supervisor: Addr<Supervisor>,
 ) {
@@ -308,14 +389,17 @@ async fn open_session(
     let hello = match handshake::welcome(&mut reader, &mut writer, &welcome, Duration::from_secs(5)).await {
         Ok(h) => h,
         Err(e) => {
-            tracing::info!(peer, error = %e, "handshake failed");
+            let allowed = HANDSHAKE_WARNINGS.lock().get_or_insert_with(|| RateLimit::new(10)).allow();
+            if let Some(suppressed) = allowed {
+                tracing::info!(peer, error = %e, suppressed, "handshake failed");
+            }
             return;
         }
     };
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     Counters::add(&shared.counters.connections, 1);
-    tracing::info!(session = id, peer, client = %hello.client, "client connected");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tracing::info!(session = id, peer, client = %Sanitized(&hello.client), "client connected");
+    let (tx, rx) = tokio::sync::mpsc::channel(shared.config.max_in_flight_per_session as usize);
     actix_rt::spawn(write_loop(writer, rx));
-    Session::start(id, peer, reader, tx, shared, supervisor);
+    Session::start(id, peer, reader, tx, slot, shared, supervisor);
 }

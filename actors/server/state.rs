@@ -54,6 +54,9 @@ pub struct ServerShared {
     pub shutting_down: AtomicBool,
     pub in_flight: AtomicUsize,
     pub sessions: AtomicU64,
+    /// Client connections open now (handshaking or not), at most
+    /// `config.max_connections`: see [`ConnectionSlot`].
+    pub open_connections: AtomicUsize,
     pub mapped_bytes: AtomicU64,
     pub metrics: Metrics,
     /// Where clients connect (Unix socket first).
@@ -89,5 +92,27 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One of the `max_connections` places for an open connection, given back
+/// when dropped (with the connection).
+pub struct ConnectionSlot(Arc<ServerShared>);
+
+impl ConnectionSlot {
+    /// A place, unless `max_connections` connections are open.
+    pub fn try_take(shared: &Arc<ServerShared>) -> Option<Self> {
+        let max = shared.config.max_connections as usize;
+        shared
+            .open_connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| ConnectionSlot(shared.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -147,7 +147,7 @@ impl Supervisor {
             self.shared.mapped_bytes.fetch_sub(e.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
             e.addr.do_send(Retire);
             tracing::info!(
-                engine = key.engine, rank = key.rank, model = %e.model_name, session = e.owner, reason = why,
+                engine = key.engine, rank = key.rank, model = %super::logsafe::Sanitized(&e.model_name), session = e.owner, reason = why,
                 "instance dropped"
             );
         }
@@ -300,7 +300,7 @@ impl Handler<Register> for Supervisor {
                         },
                     );
                     tracing::info!(
-                        engine = key.engine, rank = key.rank, model = %r.model, world_size = r.world_size,
+                        engine = key.engine, rank = key.rank, model = %super::logsafe::Sanitized(&r.model), world_size = r.world_size,
                         session, lane, bytes = r.layout.total_bytes(), "instance registered"
                     );
                     Ok(ReplyBody::Registered { already: false })

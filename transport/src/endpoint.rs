@@ -3,7 +3,7 @@
 //! must never speak the protocol.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -58,6 +58,74 @@ impl Endpoint {
     }
 }
 
+/// How a Unix socket file is created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixSocketOptions {
+    /// Permission bits of the socket file, set whatever the umask: it is
+    /// bound under a temporary name, given these bits (and group), then
+    /// renamed into place, so it is never reachable with others.
+    pub mode: u32,
+    /// Group id to give the socket file.
+    pub group: Option<u32>,
+    /// The socket's directory must be private: created with mode 0700, an
+    /// existing one owned by another user refused, one of ours made 0700.
+    pub private_dir: bool,
+}
+
+impl Default for UnixSocketOptions {
+    fn default() -> Self {
+        UnixSocketOptions { mode: 0o600, group: None, private_dir: false }
+    }
+}
+
+fn other(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, msg)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700; with `private`, an
+/// existing `dir` must be ours and is made 0700.
+fn socket_dir(dir: &std::path::Path, private: bool) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(std::io::Error::new(e.kind(), format!("creating {}: {e}", dir.display()))),
+    }
+    if private {
+        let meta = std::fs::symlink_metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(other(format!("{} is not a directory", dir.display())));
+        }
+        // `/proc/self` belongs to the process's effective user.
+        let me = std::fs::metadata("/proc/self")?.uid();
+        if meta.uid() != me {
+            return Err(other(format!("{} belongs to uid {}, not to this user", dir.display(), meta.uid())));
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds a Unix socket at `path` with `opts`'s mode and group.
+fn bind_unix(path: &std::path::Path, opts: &UnixSocketOptions) -> std::io::Result<tokio::net::UnixListener> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".kvc{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    let placed = (|| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.mode))?;
+        if let Some(gid) = opts.group {
+            std::os::unix::fs::chown(&tmp, None, Some(gid))?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 /// A bound listener. A Unix socket file is removed when the listener drops,
 /// unless another listener has replaced it since (checked by inode).
 pub enum Listener {
@@ -66,12 +134,21 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `endpoint`. A leftover Unix socket file from a dead server is
-    /// replaced; one that a live server still answers on is an error.
+    /// Binds `endpoint`; a Unix socket gets mode 0600. A leftover Unix socket
+    /// file from a dead server is replaced; one that a live server still
+    /// answers on is an error.
     pub async fn bind(endpoint: &Endpoint) -> std::io::Result<Listener> {
+        Self::bind_with(endpoint, &UnixSocketOptions::default()).await
+    }
+
+    /// [`Listener::bind`] with how to create a Unix socket file.
+    pub async fn bind_with(endpoint: &Endpoint, opts: &UnixSocketOptions) -> std::io::Result<Listener> {
         match endpoint {
             Endpoint::Unix(path) => {
-                if path.exists() {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    socket_dir(dir, opts.private_dir)?;
+                }
+                if std::fs::symlink_metadata(path).is_ok() {
                     if tokio::net::UnixStream::connect(path).await.is_ok() {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::AddrInUse,
@@ -83,10 +160,7 @@ impl Listener {
                         _ => {}
                     }
                 }
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let listener = tokio::net::UnixListener::bind(path)?;
+                let listener = bind_unix(path, opts)?;
                 let inode = std::fs::metadata(path)?.ino();
                 Ok(Listener::Unix { listener, path: path.clone(), inode })
             }

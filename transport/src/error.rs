@@ -15,13 +15,19 @@ pub enum ErrorKind {
     LayoutMismatch,
     /// A malformed request: bad block id, wrong counts, empty request, host
     /// memory registered without its memfd (as over TCP, which cannot carry
-    /// one), ...
+    /// one), ... Also a bad frame: larger than the limit (before the
+    /// handshake, larger than a hello may be), truncated, undecodable, or
+    /// carrying descriptors it did not declare; the server closes after it.
     InvalidArgument,
     /// L1 has no room even after evicting everything evictable.
     OutOfMemory,
     /// The server (or the connection to it) is not available right now.
+    /// Also the `Refused` frame of a connection over the server's connection
+    /// cap (`max_connections`): try again later.
     Unavailable,
-    /// The request's deadline passed before it completed.
+    /// The request's deadline passed before it completed. Also the `Refused`
+    /// frame of a connection that sent no hello in time, or that sat idle (no
+    /// request in flight, nothing received) past the server's idle timeout.
     Timeout,
     /// The request is not allowed (e.g. fault injection on a server started
     /// without it).

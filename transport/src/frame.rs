@@ -32,6 +32,10 @@ pub enum FrameError {
     TooManyFds { declared: u8 },
     #[error("frame declares {declared} file descriptors but {received} arrived")]
     FdMismatch { declared: usize, received: usize },
+    /// Descriptors arrived that no frame declared (or more than a frame may
+    /// carry, or the kernel had to drop some): all of them were closed.
+    #[error("{count} file descriptors arrived that no frame declared")]
+    StrayFds { count: usize },
     #[error("undecodable frame: {0}")]
     Decode(String),
     #[error("cannot encode frame: {0}")]

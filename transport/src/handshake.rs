@@ -1,11 +1,22 @@
 //! The handshake: `Hello{protocol, client}` -> `Welcome{protocol, epoch, ...}`
-//! or `Refused(ProtocolMismatch)`. This module owns both sides of that one
-//! exchange and its time limit; it must never handle requests.
+//! or `Refused(kind)`. This module owns both sides of that one exchange, its
+//! time limit and its frame limit; it must never handle requests.
+//!
+//! Before the handshake a peer is unknown, so its first frame may be at most
+//! [`HANDSHAKE_MAX_FRAME_BYTES`]. Every first frame the server cannot use
+//! (oversized, truncated, undecodable, with descriptors it did not declare,
+//! too slow, not a `Hello`) is answered with a `Refused` frame naming why,
+//! before the server closes; only a peer that closes without sending a byte,
+//! or whose socket fails, gets no answer.
 
 use std::time::Duration;
 
 use crate::error::{ErrorKind, WireError};
 use crate::frame::FrameError;
+
+/// The largest first frame a server reads before the handshake (a `Hello`
+/// is a version and a client name).
+pub const HANDSHAKE_MAX_FRAME_BYTES: u32 = 64 * 1024;
 use crate::protocol::{ClientFrame, Hello, ServerFrame, Welcome, PROTOCOL_VERSION};
 use crate::stream::{FrameReader, FrameWriter};
 
@@ -46,28 +57,44 @@ pub async fn hello(
 }
 
 /// Server side: waits for the client's hello and answers it. A client of a
-/// different protocol version gets `Refused(ProtocolMismatch)` and an error.
+/// different protocol version gets `Refused(ProtocolMismatch)` and an error;
+/// a first frame that cannot be a hello gets `Refused(InvalidArgument)`, a
+/// hello that does not come within `limit` gets `Refused(Timeout)`.
 pub async fn welcome(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     welcome: &Welcome,
     limit: Duration,
 ) -> Result<Hello, HandshakeError> {
-    let exchange = async {
-        let hello = match reader.read::<ClientFrame>().await {
-            Ok((ClientFrame::Hello(h), _)) => h,
-            Ok((ClientFrame::Request(_), _)) => {
-                let e = WireError::new(ErrorKind::InvalidArgument, "first frame must be Hello");
-                let _ = writer.send(&ServerFrame::Refused(e)).await;
-                return Err(HandshakeError::Unexpected("request before hello"));
-            }
-            Err(FrameError::Decode(msg)) => {
-                let e = WireError::new(ErrorKind::InvalidArgument, format!("undecodable hello: {msg}"));
-                let _ = writer.send(&ServerFrame::Refused(e)).await;
-                return Err(FrameError::Decode(msg).into());
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let configured = reader.max_frame();
+    reader.set_max_frame(configured.min(HANDSHAKE_MAX_FRAME_BYTES));
+    let first = tokio::time::timeout(limit, reader.read::<ClientFrame>()).await;
+    reader.set_max_frame(configured);
+    let refuse = |kind, msg: String| ServerFrame::Refused(WireError::new(kind, msg));
+    let hello = match first {
+        Ok(Ok((ClientFrame::Hello(h), _))) => h,
+        Ok(Ok((ClientFrame::Request(_), _))) => {
+            let f = refuse(ErrorKind::InvalidArgument, "first frame must be Hello".into());
+            let _ = tokio::time::timeout(limit, writer.send(&f)).await;
+            return Err(HandshakeError::Unexpected("request before hello"));
+        }
+        // Nothing came, or the socket failed: there is no one to tell.
+        Ok(Err(e @ (FrameError::Closed | FrameError::Io(_)))) => return Err(e.into()),
+        Ok(Err(e)) => {
+            let msg = match &e {
+                FrameError::Decode(m) => format!("undecodable hello: {m}"),
+                other => format!("bad first frame: {other}"),
+            };
+            let _ = tokio::time::timeout(limit, writer.send(&refuse(ErrorKind::InvalidArgument, msg))).await;
+            return Err(e.into());
+        }
+        Err(_) => {
+            let f = refuse(ErrorKind::Timeout, format!("no hello within {} ms", limit.as_millis()));
+            let _ = tokio::time::timeout(limit, writer.send(&f)).await;
+            return Err(HandshakeError::Timeout(limit));
+        }
+    };
+    let answer = async {
         if hello.protocol != welcome.protocol {
             let e = WireError::new(
                 ErrorKind::ProtocolMismatch,
@@ -79,7 +106,7 @@ pub async fn welcome(
         writer.send(&ServerFrame::Welcome(welcome.clone())).await?;
         Ok(hello)
     };
-    tokio::time::timeout(limit, exchange).await.map_err(|_| HandshakeError::Timeout(limit))?
+    tokio::time::timeout(limit, answer).await.map_err(|_| HandshakeError::Timeout(limit))?
 }
 
 /// The protocol this build speaks.

@@ -80,7 +80,9 @@ pub enum ClientFrame {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ServerFrame {
     Welcome(Welcome),
-    /// The handshake was refused (e.g. protocol mismatch); the server closes.
+    /// The handshake was refused (protocol mismatch, bad first frame, over
+    /// the connection cap), or an established connection is being closed by
+    /// the server (idle timeout); the server closes after it.
     Refused(WireError),
     Reply(Reply),
     /// The client sent a frame the server could not decode; the server closes.

@@ -3,7 +3,15 @@
 //! descriptors (SCM_RIGHTS), sent with the frame's first byte.
 //!
 //! This module owns socket I/O and the read buffer. It must never interpret
-//! frames beyond their header. Buffer growth is bounded by the frame limit.
+//! frames beyond their header.
+//!
+//! Resource rules (a peer must not be able to break them):
+//! - the read buffer grows with the bytes actually received, never with the
+//!   length a header declares, and shrinks back once a large frame is done;
+//! - every received descriptor is an [`OwnedFd`] the moment `recvmsg`
+//!   returns, so every error path closes it; descriptors beyond what the
+//!   frames can carry ([`FrameError::StrayFds`]) are closed and the stream
+//!   refused.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
@@ -18,9 +26,16 @@ use tokio::net::{tcp, unix};
 use crate::frame::{self, FrameError, HEADER_BYTES};
 
 const INITIAL_BUFFER: usize = 64 * 1024;
+/// An empty buffer larger than this goes back to [`INITIAL_BUFFER`].
+const SHRINK_ABOVE: usize = 4 * INITIAL_BUFFER;
 /// SCM_MAX_FD: the kernel never passes more in one message, so a buffer this
 /// size is never truncated (a truncated one would leak the descriptors).
 const MAX_FDS_PER_READ: usize = 253;
+/// Most descriptors that may wait for their frame: a Unix stream socket
+/// returns at most one sender message's descriptors per `recvmsg`, and the
+/// reader only reads again once every complete frame is taken, so at most a
+/// partial frame's and one new message's descriptors can be queued.
+const MAX_QUEUED_FDS: usize = 2 * frame::MAX_FDS_PER_FRAME as usize;
 
 /// The read half of a connection.
 pub enum ReadHalf {
@@ -73,6 +88,23 @@ impl FrameReader {
         FrameReader { half, buf: vec![0; INITIAL_BUFFER], start: 0, end: 0, fds: VecDeque::new(), cmsg, max_frame }
     }
 
+    /// Changes the largest frame this reader accepts (e.g. a small limit
+    /// before the handshake, the configured one after).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
+    /// The largest frame this reader accepts now.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+
+    /// Bytes the read buffer holds now (received or not): what one
+    /// connection's reader costs.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Reads and decodes the next frame. `Err(Closed)` at a clean end of stream.
     pub async fn read<T: DeserializeOwned>(&mut self) -> Result<(T, Vec<OwnedFd>), FrameError> {
         let (payload, fds) = self.next_raw().await?;
@@ -80,8 +112,21 @@ impl FrameReader {
         Ok((msg, fds))
     }
 
-    /// The next frame's payload range in `buf`, and its descriptors.
+    /// The next frame's payload range in `buf`, and its descriptors. On any
+    /// error every queued descriptor is closed.
     async fn next_raw(&mut self) -> Result<((usize, usize), Vec<OwnedFd>), FrameError> {
+        let r = self.next_raw_inner().await;
+        if r.is_err() {
+            self.fds.clear();
+        }
+        r
+    }
+
+    async fn next_raw_inner(&mut self) -> Result<((usize, usize), Vec<OwnedFd>), FrameError> {
+        if self.start == self.end && self.buf.len() > SHRINK_ABOVE {
+            self.buf = vec![0; INITIAL_BUFFER];
+            (self.start, self.end) = (0, 0);
+        }
         loop {
             let have = self.end - self.start;
             if have >= HEADER_BYTES {
@@ -99,6 +144,10 @@ impl FrameReader {
                         return Err(FrameError::FdMismatch { declared: want, received: self.fds.len() });
                     }
                     let fds = self.fds.drain(..want).collect();
+                    if self.start == self.end && !self.fds.is_empty() {
+                        // Nothing left that they could belong to.
+                        return Err(FrameError::StrayFds { count: self.fds.len() });
+                    }
                     return Ok((payload, fds));
                 }
                 self.make_room(total);
@@ -116,17 +165,23 @@ impl FrameReader {
         }
     }
 
-    /// Ensures `buf[start..]` can hold `total` bytes (bounded by the limit,
-    /// which `parse_header` already enforced).
+    /// Makes room to receive more of a frame of `total` bytes (header
+    /// included) that starts at `start`. The buffer grows (doubling) only
+    /// when it is full of received bytes, and never past `total`, so a
+    /// header declaring a large frame costs nothing until its bytes arrive.
     fn make_room(&mut self, total: usize) {
-        if self.buf.len() - self.start >= total && self.end < self.buf.len() {
+        if self.end < self.buf.len() && self.buf.len() - self.start >= total.min(self.buf.len()) {
             return;
         }
-        self.buf.copy_within(self.start..self.end, 0);
-        self.end -= self.start;
-        self.start = 0;
-        if self.buf.len() < total {
-            self.buf.resize(total.next_power_of_two().max(total), 0);
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // Full of one partial frame: `total > end` here.
+            let grown = (self.buf.len() * 2).min(total).max(self.end + 1);
+            self.buf.resize(grown, 0);
         }
     }
 
@@ -141,25 +196,49 @@ impl FrameReader {
                     sock.readable().await?;
                     let (buf, cmsg) = (&mut self.buf[end..], &mut self.cmsg);
                     let res = sock.try_io(Interest::READABLE, || {
+                        // A header the kernel does not overwrite reads as "no
+                        // descriptors", never as a stale message.
+                        cmsg.fill(0);
                         let mut iov = [IoSliceMut::new(buf)];
-                        let msg = recvmsg::<()>(raw, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                            .map_err(std::io::Error::from)?;
-                        let mut fds = Vec::new();
-                        for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                            if let ControlMessageOwned::ScmRights(r) = c {
-                                fds.extend(r);
+                        let (n, truncated, mut fds) = {
+                            let msg = recvmsg::<()>(raw, &mut iov, Some(cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                                .map_err(std::io::Error::from)?;
+                            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                            // Own every descriptor before anything can fail,
+                            // so every path below closes them.
+                            let mut fds = Vec::new();
+                            if !truncated {
+                                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                                    if let ControlMessageOwned::ScmRights(r) = c {
+                                        // SAFETY: the kernel has just installed
+                                        // these in our table for this message;
+                                        // nothing else in the process knows them.
+                                        fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                                    }
+                                }
                             }
+                            (msg.bytes, truncated, fds)
+                        };
+                        if truncated {
+                            // nix will not iterate a truncated buffer, but
+                            // the kernel installed the descriptors that fit
+                            // (e.g. up to our descriptor limit): take them.
+                            fds = truncated_rights(cmsg);
                         }
-                        Ok((msg.bytes, fds))
+                        Ok((n, fds, truncated))
                     });
                     match res {
-                        Ok((n, fds)) => {
-                            for fd in fds {
-                                // SAFETY: the kernel has just installed `fd` in
-                                // our descriptor table for this message; nothing
-                                // else in the process knows it, so we own it.
-                                self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                        Ok((n, fds, truncated)) => {
+                            if truncated {
+                                // Some descriptors were dropped by the kernel
+                                // (e.g. our descriptor limit): the frame
+                                // cannot be whole. `fds` closes on return.
+                                return Err(FrameError::StrayFds { count: fds.len() });
                             }
+                            if self.fds.len() + fds.len() > MAX_QUEUED_FDS {
+                                return Err(FrameError::StrayFds { count: self.fds.len() + fds.len() });
+                            }
+                            self.fds.extend(fds);
                             break n;
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -171,6 +250,30 @@ impl FrameReader {
         self.end += n;
         Ok(n)
     }
+}
+
+/// The descriptors of the one SCM_RIGHTS message at the start of `cmsg`
+/// after a truncated `recvmsg` (the kernel writes a whole header for the
+/// descriptors it installed), owned.
+fn truncated_rights(cmsg: &[u8]) -> Vec<OwnedFd> {
+    use nix::libc;
+    let word = std::mem::size_of::<usize>();
+    // SAFETY: CMSG_LEN only computes a length.
+    let data = unsafe { libc::CMSG_LEN(0) } as usize;
+    if cmsg.len() < data {
+        return Vec::new();
+    }
+    let len = usize::from_ne_bytes(cmsg[..word].try_into().expect("a word"));
+    let level = i32::from_ne_bytes(cmsg[word..word + 4].try_into().expect("an int"));
+    let kind = i32::from_ne_bytes(cmsg[word + 4..word + 8].try_into().expect("an int"));
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS || len < data || len > cmsg.len() {
+        return Vec::new();
+    }
+    cmsg[data..len]
+        .chunks_exact(4)
+        // SAFETY: the kernel installed these descriptors for this message.
+        .map(|b| unsafe { OwnedFd::from_raw_fd(i32::from_ne_bytes(b.try_into().expect("an int"))) })
+        .collect()
 }
 
 impl FrameWriter {
@@ -236,9 +339,30 @@ pub struct OutFrame {
     pub fds: Vec<OwnedFd>,
 }
 
+/// A queue of frames for [`write_loop`]: bounded (the server, so a peer
+/// that never reads its replies stops the requests that produce them) or
+/// unbounded (a client, whose requests are bounded by their callers).
+pub trait OutQueue: Send {
+    /// Waits for at least one frame; moves at most `limit` into `buf`.
+    /// Returns 0 once the queue is closed and empty.
+    fn recv_many(&mut self, buf: &mut Vec<OutFrame>, limit: usize) -> impl std::future::Future<Output = usize> + Send;
+}
+
+impl OutQueue for tokio::sync::mpsc::UnboundedReceiver<OutFrame> {
+    fn recv_many(&mut self, buf: &mut Vec<OutFrame>, limit: usize) -> impl std::future::Future<Output = usize> + Send {
+        tokio::sync::mpsc::UnboundedReceiver::recv_many(self, buf, limit)
+    }
+}
+
+impl OutQueue for tokio::sync::mpsc::Receiver<OutFrame> {
+    fn recv_many(&mut self, buf: &mut Vec<OutFrame>, limit: usize) -> impl std::future::Future<Output = usize> + Send {
+        tokio::sync::mpsc::Receiver::recv_many(self, buf, limit)
+    }
+}
+
 /// Writes queued frames until the queue closes or a write fails, coalescing
 /// whatever is queued into one write (frames with descriptors go alone).
-pub async fn write_loop(mut writer: FrameWriter, mut rx: tokio::sync::mpsc::UnboundedReceiver<OutFrame>) {
+pub async fn write_loop(mut writer: FrameWriter, mut rx: impl OutQueue) {
     let mut batch = Vec::with_capacity(64);
     let mut bytes = Vec::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 256).await > 0 {

@@ -282,3 +282,44 @@ async fn frame_declaring_descriptors_that_never_came_is_refused() {
     peer.write_all(&f).await.unwrap();
     assert!(matches!(r.read::<ClientFrame>().await.unwrap_err(), FrameError::FdMismatch { declared: 1, received: 0 }));
 }
+
+#[tokio::test]
+async fn a_declared_length_costs_nothing_until_its_bytes_arrive_and_the_buffer_shrinks_after() {
+    let (mut r, mut peer) = raw_pair(frame::DEFAULT_MAX_FRAME_BYTES).await;
+    let start = r.buffer_capacity();
+    let big = ClientFrame::Hello(Hello { protocol: 1, client: "x".repeat(4 << 20) });
+    let bytes = frame::encode(&big, 0, frame::DEFAULT_MAX_FRAME_BYTES).unwrap();
+    peer.write_all(&bytes[..frame::HEADER_BYTES + 10]).await.unwrap();
+    let read = tokio::spawn(async move {
+        let f = r.read::<ClientFrame>().await.map(|(f, _)| f);
+        (f, r)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    peer.write_all(&bytes[frame::HEADER_BYTES + 10..]).await.unwrap();
+    let (f, mut r) = read.await.unwrap();
+    assert_eq!(f.unwrap(), big);
+    assert!(r.buffer_capacity() <= 2 * bytes.len(), "grew to {}", r.buffer_capacity());
+    let ping = ClientFrame::Request(Request { id: RequestId(1), deadline_ms: 5, body: RequestBody::Ping });
+    peer.write_all(&frame::encode(&ping, 0, 1024).unwrap()).await.unwrap();
+    assert_eq!(r.read::<ClientFrame>().await.unwrap().0, ping);
+    assert_eq!(r.buffer_capacity(), start, "back to its first size once the large frame is gone");
+}
+
+#[tokio::test]
+async fn descriptors_no_frame_declared_are_refused() {
+    use std::os::fd::AsRawFd;
+    let (mut r, peer) = raw_pair(1024).await;
+    let devnull = std::fs::File::open("/dev/null").unwrap();
+    let ping = ClientFrame::Request(Request { id: RequestId(1), deadline_ms: 5, body: RequestBody::Ping });
+    let f = frame::encode(&ping, 0, 1024).unwrap();
+    let peer = peer.into_std().unwrap();
+    nix::sys::socket::sendmsg::<()>(
+        peer.as_raw_fd(),
+        &[std::io::IoSlice::new(&f)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&[devnull.as_raw_fd(); 3])],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert!(matches!(r.read::<ClientFrame>().await.unwrap_err(), FrameError::StrayFds { count: 3 }));
+}
