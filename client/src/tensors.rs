@@ -171,14 +171,10 @@ fn layer_placement(
     Ok((tokens, shape_of, place))
 }
 
-/// Checks per-layer KV tensors (in layer order) and `block_tokens` and reads
-/// their layout; `InvalidArgument` for what the coordinator cannot take at
-/// all, `LayoutMismatch` for tensors that do not form one layout.
-pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<KvTensors, WireError> {
+/// The tensors' layout dtype, if there are any, all on the CPU, all of one
+/// supported dtype.
+fn devices_and_dtype(tensors: &[TensorDesc]) -> Result<Dtype, WireError> {
     let first = tensors.first().ok_or_else(|| invalid("kv_caches is empty: pass one tensor per layer".into()))?;
-    if block_tokens == 0 {
-        return Err(invalid("block_tokens must be positive".into()));
-    }
     let mut dtype = None;
     for (i, t) in tensors.iter().enumerate() {
         match t.device.as_str() {
@@ -200,6 +196,27 @@ pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<
             return Err(mismatch(format!("kv_caches[{i}] has dtype {} but kv_caches[0] has {}", t.dtype, first.dtype)));
         }
         dtype = Some(d);
+    }
+    Ok(dtype.expect("at least one tensor"))
+}
+
+fn not_shared(i: usize) -> WireError {
+    invalid(format!(
+        "kv_caches[{i}] is not in a kvcoord.shared_tensor: the coordinator can only map memory it is given; \
+         allocate the KV cache with kvcoord.shared_tensor(shape, dtype)"
+    ))
+}
+
+/// Checks per-layer KV tensors (in layer order) and `block_tokens` and reads
+/// their layout; `InvalidArgument` for what the coordinator cannot take at
+/// all, `LayoutMismatch` for tensors that do not form one layout.
+pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<KvTensors, WireError> {
+    let dtype = devices_and_dtype(tensors)?;
+    let first = &tensors[0];
+    if block_tokens == 0 {
+        return Err(invalid("block_tokens must be positive".into()));
+    }
+    for (i, t) in tensors.iter().enumerate() {
         if t.shape.iter().any(|&d| d <= 0) || t.strides.len() != t.shape.len() || t.strides.iter().any(|&s| s < 0) {
             return Err(mismatch(format!(
                 "kv_caches[{i}] has shape {:?} and strides {:?}; each layer must be {SHAPES}, with positive sizes \
@@ -220,7 +237,6 @@ pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<
             )));
         }
     }
-    let dtype = dtype.expect("at least one tensor");
     let shape: Vec<u64> = first.shape.iter().map(|&d| d as u64).collect();
     let strides: Vec<u64> = first.strides.iter().map(|&s| s as u64).collect();
     let (_, shape_of, mut placement) = layer_placement(&shape, &strides, dtype.size(), block_tokens)?;
@@ -269,12 +285,7 @@ pub fn shared_region_for(
     for (i, t) in tensors.iter().enumerate() {
         match registry.resolve(t.data_ptr, extent) {
             Ok(r) => regions.push(r),
-            Err(RegionError::NotShared { .. }) => {
-                return Err(invalid(format!(
-                    "kv_caches[{i}] is not in a kvcoord.shared_tensor: the coordinator can only map memory it is \
-                     given; allocate the KV cache with kvcoord.shared_tensor(shape, dtype)"
-                )))
-            }
+            Err(RegionError::NotShared { .. }) => return Err(not_shared(i)),
             Err(e) => {
                 return Err(invalid(format!(
                     "kv_caches[{i}]: its {extent} bytes do not fit its kvcoord.shared_tensor: {e}"
@@ -305,6 +316,13 @@ pub fn host_kv_cache(
     block_tokens: u32,
     registry: &RegionRegistry,
 ) -> Result<(KvLayout, Arc<SharedRegion>), WireError> {
+    // Memory the coordinator cannot map at all is named before its geometry.
+    devices_and_dtype(tensors)?;
+    for (i, t) in tensors.iter().enumerate() {
+        if let Err(RegionError::NotShared { .. }) = registry.resolve(t.data_ptr, 1) {
+            return Err(not_shared(i));
+        }
+    }
     let kv = layout_from_tensors(tensors, block_tokens)?;
     shared_region_for(tensors, &kv, registry)
 }
@@ -492,7 +510,9 @@ mod tests {
         assert_eq!(check(&gap).unwrap().0.placement.layer_stride, 2 * LAYER);
         let mut private = layers(3, 0x10000);
         private[2].data_ptr = 0x90000;
-        assert_eq!(check(&private).unwrap_err().kind, ErrorKind::LayoutMismatch, "not at one stride");
+        let e = check(&private).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("kv_caches[2] is not in a kvcoord.shared_tensor"), "{}", e.message);
         let e = check(&layers(4, 0x10000)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidArgument, "a layer past the end: {}", e.message);
         assert!(e.message.contains("kv_caches[3] is not in"), "{}", e.message);
