@@ -250,7 +250,7 @@ pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<
     one.validate().map_err(|e| invalid(format!("KV cache layout: {e}")))?;
     placement.layer_stride = one.layer_extent();
     if tensors.len() > 1 {
-        let stride = tensors[1].data_ptr.checked_sub(first.data_ptr).unwrap_or(0);
+        let stride = tensors[1].data_ptr.saturating_sub(first.data_ptr);
         let at = |i: usize| (i as u64).checked_mul(stride).and_then(|o| o.checked_add(first.data_ptr));
         let bad = if stride == 0 { Some(1) } else { (2..tensors.len()).find(|&i| at(i) != Some(tensors[i].data_ptr)) };
         if let Some(i) = bad {

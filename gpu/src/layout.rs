@@ -606,11 +606,12 @@ mod tests {
     fn overlapping_placements_are_refused() {
         let base = KvLayout::vllm(VllmLayout::Lhbnc, 2, 4, 4, 2, 4, Dtype::F16);
         base.validate().unwrap();
-        let cases: [(&str, fn(&mut Placement)); 5] = [
+        type Change = fn(&mut Placement);
+        let cases: [(&str, Change); 5] = [
             ("runs on top of each other", |p| p.run_stride = 0),
             ("blocks on top of each other", |p| p.block_stride = 0),
             ("a block stride shorter than a run", |p| p.block_stride = p.run_bytes - 2),
-            ("layers overlapping", |p| p.layer_stride = p.layer_stride / 2),
+            ("layers overlapping", |p| p.layer_stride /= 2),
             ("runs reaching into the next head", |p| p.run_stride = p.run_bytes * 2),
         ];
         for (what, change) in cases {
