@@ -212,7 +212,9 @@ impl Handler<Register> for Supervisor {
     type Result = AtomicResponse<Self, Result<ReplyBody, WireError>>;
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
-        let r = msg.request;
+        let mut r = msg.request;
+        // Equal placements, however described, make equal chunk objects.
+        r.layout = r.layout.normalized();
         let key = r.instance;
         if let Err(e) = check_register(&r, self.shared.config.chunk_tokens) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));

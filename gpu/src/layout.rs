@@ -281,6 +281,20 @@ impl KvLayout {
         self
     }
 
+    /// The same placement with the fewest runs: runs of a block that follow
+    /// each other in memory (`run_stride == run_bytes`) become one run, so
+    /// a block-compact placement is one run (one copy, one CUDA segment) per
+    /// block however it was described, and equal placements make equal
+    /// chunk objects. Invalid layouts are returned as they are.
+    pub fn normalized(&self) -> Self {
+        let p = &self.placement;
+        if p.runs_per_block < 2 || p.run_stride != p.run_bytes || self.validate().is_err() {
+            return *self;
+        }
+        let run_bytes = p.run_bytes * p.runs_per_block as u64; // validated: no overflow
+        KvLayout { placement: Placement { run_bytes, runs_per_block: 1, run_stride: run_bytes, ..*p }, ..*self }
+    }
+
     /// Bytes of one token of one layer (checked).
     fn token_bytes(&self) -> Result<u64, LayoutError> {
         let e = self.dtype.size();
@@ -652,6 +666,22 @@ mod tests {
         assert_eq!(wide.chunk_object_bytes(u32::MAX), u64::MAX, "saturates");
         let huge_chunks = vllm_like().chunk_blocks(16, usize::MAX, &[0]);
         assert!(matches!(huge_chunks, Err(LayoutError::BlockCount { .. })));
+    }
+
+    #[test]
+    fn adjacent_runs_normalize_to_one_run_per_block() {
+        // LBHNC described as one run per head (its heads are adjacent).
+        let one = KvLayout::vllm(VllmLayout::Lbhnc, 2, 4, 4, 2, 4, Dtype::F16);
+        let mut split = one;
+        split.placement.runs_per_block = 2;
+        split.placement.run_bytes /= 2;
+        split.placement.run_stride = split.placement.run_bytes;
+        split.validate().unwrap();
+        assert_eq!(split.normalized(), one);
+        assert_eq!(one.normalized(), one);
+        let per_head = KvLayout::vllm(VllmLayout::Lhbnc, 2, 4, 4, 2, 4, Dtype::F16);
+        assert_eq!(per_head.normalized(), per_head, "runs apart stay apart");
+        assert_eq!(KvLayout::mha(2, 4, 4, 2, 4, Dtype::F16).normalized().runs(), 2);
     }
 
     #[test]
