@@ -330,3 +330,51 @@ fn the_request_limits_have_flags_and_environment_variables() {
     assert_eq!(zero.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&zero.stderr).contains("max_deadline_ms"));
 }
+
+#[actix_rt::test]
+async fn vllm_layouts_store_then_retrieve_into_other_blocks_is_bit_exact() {
+    use kvcoord_harness::TpWorker;
+    use kvcoord_memory::{Dtype, KvLayout, VllmLayout};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    // 4 layers x 256 blocks of 16 tokens x 4 heads x (K|V of 2 x 64) bf16:
+    // 16 KiB blocks, 1 MiB per chunk, as small_layout(); one buffer per rank.
+    let cases = [
+        (21, KvLayout::vllm(VllmLayout::Lbnhc, 4, 256, 16, 4, 64, Dtype::Bf16)),
+        (22, KvLayout::vllm(VllmLayout::Blnhc, 4, 256, 16, 4, 64, Dtype::Bf16)),
+        (23, KvLayout::vllm(VllmLayout::Blnhc, 4, 256, 16, 4, 64, Dtype::Bf16).at_offset(4096)),
+        (24, KvLayout::vllm(VllmLayout::Lhbnc, 4, 256, 16, 4, 64, Dtype::Bf16)),
+    ];
+    for (engine, layout) in cases {
+        let key = InstanceKey { engine, rank: 0 };
+        let model = format!("vllm-{engine}");
+        let mut w = TpWorker::register(core_client(server.endpoint()), key, &model, 1, layout, 256)
+            .await
+            .unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+        let hashes = prefix_hashes(&model, engine, 0, 3, 256);
+        let (blocks, outcomes) = w.store_prefix(&hashes).await.unwrap();
+        assert_eq!(outcomes, vec![StoreOutcome::Stored; 3], "{layout:?}");
+        let found = w.client.lookup(w.key, hashes.clone(), true).await;
+        assert_eq!(found.chunks, 3);
+        let (r, v) = w.retrieve_and_verify(&hashes, &blocks, found.lease).await.unwrap();
+        assert_eq!(r.outcomes, vec![RetrieveOutcome::Retrieved; 3], "{layout:?}");
+        assert_eq!((v.chunks_retrieved, v.corrupt_chunks, v.bytes_verified), (3, 0, 3 << 20), "{layout:?}");
+    }
+
+    // A placement past the end of the memory, and one that overlaps itself.
+    let conn = raw(&server).await;
+    let layout = KvLayout::vllm(VllmLayout::Lbnhc, 4, 256, 16, 4, 64, Dtype::Bf16);
+    let cache = HostKvCache::create("v", layout).unwrap();
+    let reg = |l: KvLayout| {
+        let fd = cache.fd().try_clone_to_owned().unwrap();
+        conn.request(register_body(InstanceKey { engine: 30, rank: 0 }, l, layout.total_bytes()), T, vec![fd])
+    };
+    assert_eq!(kind(reg(layout.at_offset(1)).await), ErrorKind::InvalidArgument, "one byte past the end");
+    let mut overlapping = layout;
+    overlapping.placement.block_stride /= 2;
+    assert_eq!(kind(reg(overlapping).await), ErrorKind::InvalidArgument, "blocks overlapping");
+    let mut huge = layout;
+    huge.placement.layer_stride = u64::MAX / 2;
+    assert_eq!(kind(reg(huge).await), ErrorKind::InvalidArgument, "overflowing placement");
+    assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false });
+}

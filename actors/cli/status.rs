@@ -32,9 +32,25 @@ fn duration(ms: u64) -> String {
 fn layout(l: &KvLayout) -> String {
     let shape = match l.shape {
         BlockShape::Mha { kv_heads, head_dim } => format!("MHA {kv_heads}x{head_dim}"),
-        BlockShape::Mla { hidden } => format!("MLA {hidden}"),
+        BlockShape::Mla { latent } => format!("MLA {latent}"),
     };
-    format!("{}L {}x{}tok {} {:?}", l.num_layers, l.num_blocks, l.block_tokens, shape, l.dtype)
+    let p = &l.placement;
+    let runs = if p.runs_per_block == 1 {
+        format!("1 run of {}", ByteSize(p.run_bytes))
+    } else {
+        format!("{} runs of {} every {}", p.runs_per_block, ByteSize(p.run_bytes), ByteSize(p.run_stride))
+    };
+    format!(
+        "{}L {}x{}tok {} {:?}, block = {runs}, block stride {}, layer stride {}, at +{}",
+        l.num_layers,
+        l.num_blocks,
+        l.block_tokens,
+        shape,
+        l.dtype,
+        ByteSize(p.block_stride),
+        ByteSize(p.layer_stride),
+        p.layer_offset
+    )
 }
 
 fn percent(part: u64, whole: u64) -> String {

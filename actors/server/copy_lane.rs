@@ -195,7 +195,7 @@ impl Handler<OpenMemory> for CopyLane {
 
     fn handle(&mut self, msg: OpenMemory, _: &mut Self::Context) -> Self::Result {
         match msg.handle {
-            MemoryHandle::HostFd { .. } => {
+            MemoryHandle::HostFd { size } => {
                 let fd = msg.fd.ok_or_else(|| {
                     WireError::new(
                         ErrorKind::InvalidArgument,
@@ -203,6 +203,12 @@ impl Handler<OpenMemory> for CopyLane {
                     )
                 })?;
                 let meta = std::fs::File::from(fd.try_clone().map_err(internal)?).metadata().map_err(internal)?;
+                if meta.len() != size {
+                    return Err(WireError::new(
+                        ErrorKind::LayoutMismatch,
+                        format!("the memfd has {} bytes but was registered as {size} bytes", meta.len()),
+                    ));
+                }
                 let identity = MemoryIdentity::Host(meta.dev(), meta.ino());
                 let map = HostMapping::open(fd, &msg.layout).map_err(|e| match e {
                     HostMemoryError::Layout(LayoutError::MemorySize { .. }) => {

@@ -200,11 +200,11 @@ fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireErro
         return Err(invalid("one chunk of this layout would be 4 GiB or more; use smaller chunks"));
     }
     match &r.memory {
-        kvcoord_memory::MemoryHandle::HostFd { size } if *size != r.layout.total_bytes() => Err(WireError::new(
-            ErrorKind::LayoutMismatch,
-            format!("memory of {size} bytes does not match the layout's {} bytes", r.layout.total_bytes()),
-        )),
-        _ => Ok(()),
+        // The memfd's real size is checked against `size` when it is mapped.
+        kvcoord_memory::MemoryHandle::HostFd { size } => r.layout.fits_in(*size).map_err(|e| {
+            invalid(format!("the layout's placement does not fit the registered memory of {size} bytes: {e}"))
+        }),
+        kvcoord_memory::MemoryHandle::CudaIpc { .. } => Ok(()),
     }
 }
 
@@ -212,7 +212,9 @@ impl Handler<Register> for Supervisor {
     type Result = AtomicResponse<Self, Result<ReplyBody, WireError>>;
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
-        let r = msg.request;
+        let mut r = msg.request;
+        // Equal placements, however described, make equal chunk objects.
+        r.layout = r.layout.normalized();
         let key = r.instance;
         if let Err(e) = check_register(&r, self.shared.config.chunk_tokens) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));

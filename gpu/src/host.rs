@@ -67,7 +67,8 @@ pub struct HostKvCache {
 }
 
 impl HostKvCache {
-    /// Allocates zeroed memory for `layout` in a new memfd and seals its size.
+    /// Allocates zeroed memory for `layout` (up to the end of its placement)
+    /// in a new memfd and seals its size.
     pub fn create(name: &str, layout: KvLayout) -> Result<Self, HostMemoryError> {
         layout.validate()?;
         let file = File::from(sealed_memfd(name, layout.total_bytes())?);
@@ -94,11 +95,15 @@ impl HostKvCache {
         unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr(), self.map.len()) }
     }
 
-    /// Bytes of block `block` of (`layer`, `plane`).
-    pub fn block_mut(&mut self, layer: u32, plane: u32, block: u32) -> Result<&mut [u8], LayoutError> {
+    /// Bytes of run `run` of block `block` of `layer` (for today's MHA
+    /// layout, run 0 is the K plane and run 1 the V plane).
+    pub fn block_mut(&mut self, layer: u32, run: u32, block: u32) -> Result<&mut [u8], LayoutError> {
         let id = self.layout.block(block)?;
-        let start = (layer as u64 * self.layout.layer_bytes() + self.layout.offset_in_layer(plane, id)) as usize;
-        let len = self.layout.block_bytes() as usize;
+        if layer >= self.layout.num_layers || run >= self.layout.runs() {
+            return Err(LayoutError::RunOutOfRange { layer, run });
+        }
+        let start = self.layout.offset(layer, run, id) as usize;
+        let len = self.layout.run_bytes() as usize;
         Ok(&mut self.bytes_mut()[start..start + len])
     }
 }
@@ -121,8 +126,8 @@ pub struct HostMapping {
 }
 
 impl HostMapping {
-    /// Maps `fd`, refusing it unless it is sealed against shrinking and its
-    /// size is exactly `layout.total_bytes()`.
+    /// Maps `fd`, refusing it unless it is sealed against shrinking and the
+    /// layout's whole placement lies inside it.
     pub fn open(fd: OwnedFd, layout: &KvLayout) -> Result<Self, HostMemoryError> {
         layout.validate()?;
         let file = File::from(fd);
@@ -131,7 +136,7 @@ impl HostMapping {
             return Err(HostMemoryError::NotSealed);
         }
         let size = file.metadata().map_err(io("fstat"))?.len();
-        layout.check_memory_size(size)?;
+        layout.fits_in(size)?;
         // Populate the page tables now (registration may take a moment) so
         // copies never take first-touch faults on the client's memory.
         let map = MmapOptions::new().populate().map_raw(&file).map_err(io("mmap"))?;

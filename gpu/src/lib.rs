@@ -16,6 +16,6 @@ pub mod shared;
 pub use arena::{Allocation, Arena, ArenaUsage, Extent, ObjectBytes};
 pub use copy::CopyError;
 pub use host::{sealed_memfd, HostKvCache, HostMapping, KvMemory};
-pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError};
+pub use layout::{BlockId, BlockShape, ChunkBlocks, Dtype, KvLayout, LayoutError, Placement, VllmLayout};
 pub use memory::{CudaIpcLayer, MemoryHandle};
 pub use shared::{RegionError, RegionRegistry, SharedRegion};

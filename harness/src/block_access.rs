@@ -92,7 +92,7 @@ impl BlockAccess for HostBlocks {
         let layout = *self.cache.layout();
         for b in blocks {
             for layer in 0..layout.num_layers {
-                for plane in 0..layout.planes() {
+                for plane in 0..layout.runs() {
                     self.cache.block_mut(layer, plane, b.get()).map_err(BlockError::from)?.fill(0xA5);
                 }
             }

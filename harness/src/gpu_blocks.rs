@@ -47,7 +47,7 @@ impl BlockAccess for GpuBlocks {
     }
 
     fn write_patterns(&mut self, planes: &[PlaneRef]) -> Result<(), BlockError> {
-        let plane_bytes = self.cache.layout().block_bytes() as usize;
+        let plane_bytes = self.cache.layout().run_bytes() as usize;
         if planes.len() * plane_bytes > self.staging.len() {
             return Err(BlockError(format!("{} planes exceed the staging buffer", planes.len())));
         }
@@ -64,7 +64,7 @@ impl BlockAccess for GpuBlocks {
     }
 
     fn check_patterns(&mut self, planes: &[PlaneRef]) -> Result<Vec<bool>, BlockError> {
-        let mut buf = vec![0u8; self.cache.layout().block_bytes() as usize];
+        let mut buf = vec![0u8; self.cache.layout().run_bytes() as usize];
         planes
             .iter()
             .map(|p| {
@@ -76,10 +76,10 @@ impl BlockAccess for GpuBlocks {
 
     fn scribble(&mut self, blocks: &[BlockId]) -> Result<(), BlockError> {
         let layout = *self.cache.layout();
-        let junk = vec![0xA5u8; layout.block_bytes() as usize];
+        let junk = vec![0xA5u8; layout.run_bytes() as usize];
         for &b in blocks {
             for layer in 0..layout.num_layers {
-                for plane in 0..layout.planes() {
+                for plane in 0..layout.runs() {
                     self.cache.write_block_async(layer, plane, b, &junk).map_err(BlockError::from)?;
                 }
             }

@@ -95,9 +95,9 @@ impl<B: BlockAccess> TpWorker<B> {
             .iter()
             .enumerate()
             .map(|(c, hash)| {
-                let mut planes = Vec::with_capacity(layout.num_layers as usize * layout.planes() as usize * bpc);
+                let mut planes = Vec::with_capacity(layout.num_layers as usize * layout.runs() as usize * bpc);
                 for layer in 0..layout.num_layers {
-                    for plane in 0..layout.planes() {
+                    for plane in 0..layout.runs() {
                         for i in 0..bpc {
                             let block = self.block(blocks[c * bpc + i])?;
                             let seed = pattern_seed(hash, self.key.rank, layer, plane, i as u32);
@@ -123,7 +123,7 @@ impl<B: BlockAccess> TpWorker<B> {
         blocks: &[u32],
         chunks: usize,
     ) -> Result<Verified, BlockError> {
-        let plane_bytes = self.layout().block_bytes();
+        let plane_bytes = self.layout().run_bytes();
         let mut v = Verified { chunks_retrieved: chunks, ..Default::default() };
         for chunk in self.planes(&hashes[..chunks], blocks)? {
             let ok = self.blocks.check_patterns(&chunk)?;

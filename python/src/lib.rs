@@ -287,9 +287,13 @@ impl Client {
     }
 
     /// Registers one TP rank's KV cache: `kv_caches` is a dict name -> tensor
-    /// (in layer order) or a list of per-layer tensors, each
-    /// `[2, num_blocks, block_tokens, kv_heads, head_dim]`, all layers one
-    /// after another in one `kvcoord.shared_tensor` that they cover whole.
+    /// (in layer order) or a list of per-layer tensors, each a view of one
+    /// `kvcoord.shared_tensor` (anywhere in it), the layers at one stride:
+    /// vLLM's `[num_blocks, kv_heads, block_tokens, 2 * head_size]` views in
+    /// any of its KV-cache layouts (the strides tell which), MLA's
+    /// `[num_blocks, block_tokens, latent]`, or `[2, num_blocks,
+    /// block_tokens, kv_heads, head_dim]`. A layout the shared tensor cannot
+    /// hold, or one that overlaps itself, raises `InvalidArgument`.
     #[pyo3(signature = (*, engine, rank, world_size, model, kv_caches, block_tokens))]
     #[allow(clippy::too_many_arguments)]
     fn register(

@@ -137,13 +137,13 @@ def test_bad_inputs_raise_typed_errors_and_the_server_keeps_serving(server: Serv
     _, a = kv_cache()
     _, b = kv_cache(blocks=BLOCKS // 2)
     expect(kvcoord.LayoutMismatch, lambda: reg([a[0], b[1]]), says="same shape")
-    flat = kvcoord.shared_tensor((LAYERS, BLOCKS, BLOCK_TOKENS, HEADS * DIM * 2), torch.bfloat16)
+    flat = kvcoord.shared_tensor((LAYERS, BLOCKS, BLOCK_TOKENS * HEADS * DIM * 2), torch.bfloat16)
     expect(kvcoord.LayoutMismatch, lambda: reg([flat[i] for i in range(LAYERS)]), says="[2, num_blocks")
     expect(kvcoord.LayoutMismatch, lambda: reg(a, bt=BLOCK_TOKENS * 2), says="block_tokens=32")
-    buf3, three = kv_cache(layers=3)
-    expect(kvcoord.LayoutMismatch, lambda: reg([three[0], three[2]]), says="one after")
-    expect(kvcoord.LayoutMismatch, lambda: reg(three[:2]), says="whole shared tensor")
-    expect(kvcoord.LayoutMismatch, lambda: reg([buf3[i].transpose(1, 2) for i in range(3)]), says="contiguous")
+    buf4, four = kv_cache(layers=4)
+    expect(kvcoord.LayoutMismatch, lambda: reg([four[0], four[1], four[3]]), says="one after")
+    expect(kvcoord.LayoutMismatch, lambda: reg([four[1], four[0]]), says="one after")
+    expect(kvcoord.LayoutMismatch, lambda: reg([buf4[i].transpose(1, 2) for i in range(3)]), says="contiguous")
     private = [torch.zeros((2, BLOCKS, BLOCK_TOKENS, HEADS, DIM), dtype=torch.bfloat16) for _ in range(LAYERS)]
     expect(kvcoord.InvalidArgument, lambda: reg(private), says="kvcoord.shared_tensor")
     fake_cuda = types.SimpleNamespace(

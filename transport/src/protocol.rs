@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::chunk_hash::ChunkHash;
 use crate::error::WireError;
 
-/// Bumped on any incompatible change to any frame.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped on any incompatible change to any frame. 3: a layout carries its
+/// placement in the registered memory (`kvcoord_memory::Placement`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A random value chosen at every server start. A client that sees a new
 /// epoch knows the server lost every registration.
@@ -106,7 +107,8 @@ pub struct Reply {
     pub result: Result<ReplyBody, WireError>,
 }
 
-/// Register one TP rank's KV cache.
+/// Register one TP rank's KV cache: what it holds and where its bytes are
+/// (`layout`, whose placement must lie inside the memory), and the memory.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RegisterKvCache {
     pub instance: InstanceKey,

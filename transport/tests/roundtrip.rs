@@ -1,6 +1,6 @@
 //! Every message type survives encode -> frame -> decode unchanged.
 
-use kvcoord_memory::{BlockShape, CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
+use kvcoord_memory::{BlockShape, CudaIpcLayer, Dtype, KvLayout, MemoryHandle, Placement};
 use kvcoord_transport::frame::{self, HEADER_BYTES};
 use kvcoord_transport::*;
 use proptest::prelude::*;
@@ -16,16 +16,27 @@ fn instance() -> impl Strategy<Value = InstanceKey> {
 fn layout() -> impl Strategy<Value = KvLayout> {
     let shape = prop_oneof![
         (any::<u32>(), any::<u32>()).prop_map(|(kv_heads, head_dim)| BlockShape::Mha { kv_heads, head_dim }),
-        any::<u32>().prop_map(|hidden| BlockShape::Mla { hidden }),
+        any::<u32>().prop_map(|latent| BlockShape::Mla { latent }),
     ];
     let dtype = prop_oneof![Just(Dtype::F16), Just(Dtype::Bf16), Just(Dtype::F32), Just(Dtype::Fp8)];
-    (any::<u32>(), any::<u32>(), any::<u32>(), shape, dtype).prop_map(
-        |(num_layers, num_blocks, block_tokens, shape, dtype)| KvLayout {
+    let placement = (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
+        |(layer_offset, layer_stride, block_stride, run_bytes, runs_per_block, run_stride)| Placement {
+            layer_offset,
+            layer_stride,
+            block_stride,
+            run_bytes,
+            runs_per_block,
+            run_stride,
+        },
+    );
+    (any::<u32>(), any::<u32>(), any::<u32>(), shape, dtype, placement).prop_map(
+        |(num_layers, num_blocks, block_tokens, shape, dtype, placement)| KvLayout {
             num_layers,
             num_blocks,
             block_tokens,
             shape,
             dtype,
+            placement,
         },
     )
 }

@@ -22,7 +22,7 @@ use cudarc::driver::{result, sys};
 
 use super::device::CudaDevice;
 use super::driver::{op, CudaError};
-use crate::copy::for_each_block_plane;
+use crate::copy::chunk_runs;
 use crate::layout::{BlockId, KvLayout};
 
 const PTX: &str = include_str!("../../kernels/copy_segments.ptx");
@@ -70,7 +70,13 @@ pub enum CopyDirection {
 }
 
 /// Appends the segments that move one chunk between per-layer device memory
-/// (`layer_addrs`) and a contiguous object at `object_addr`.
+/// (`layer_addrs`: each layer's base, from its IPC handle and offset; the
+/// layout's layer offset and stride are not used here) and a contiguous
+/// object at `object_addr`: one segment per run of each block, in object
+/// order. Runs are not merged across blocks even where contiguous: the
+/// kernel copies one segment per CTA, so fewer, larger segments would cost
+/// it parallelism (a block-compact layout is one run, so one segment, per
+/// block, as today's layout is one per block plane).
 pub fn chunk_segments(
     layout: &KvLayout,
     layer_addrs: &[u64],
@@ -79,13 +85,13 @@ pub fn chunk_segments(
     direction: CopyDirection,
     out: &mut Vec<Segment>,
 ) {
-    for_each_block_plane(layout, blocks, |layer, in_layer, obj, len| {
-        let (kv, object) = (layer_addrs[layer as usize] + in_layer, object_addr + obj);
-        out.push(match direction {
-            CopyDirection::Gather => Segment { src: kv, dst: object, len },
-            CopyDirection::Scatter => Segment { src: object, dst: kv, len },
-        });
-    });
+    out.extend(chunk_runs(layout, blocks).map(|r| {
+        let (kv, object) = (layer_addrs[r.layer as usize] + r.in_layer, object_addr + r.object);
+        match direction {
+            CopyDirection::Gather => Segment { src: kv, dst: object, len: r.len },
+            CopyDirection::Scatter => Segment { src: object, dst: kv, len: r.len },
+        }
+    }));
 }
 
 /// One run of host memory that moves by one DMA to or from staging.
@@ -544,6 +550,21 @@ mod tests {
     fn a_block_larger_than_the_staging_buffer_is_refused() {
         assert!(plan_staging(CopyDirection::Gather, &[seg(0, 0, 401)], 7_000, 400).is_err());
         assert!(plan_staging(CopyDirection::Gather, &[], 7_000, 400).unwrap().is_empty());
+    }
+
+    #[test]
+    fn segments_of_a_per_head_layout_are_one_per_head_run() {
+        use crate::layout::VllmLayout;
+        // LHBNC, 2 layers, 4 blocks, 2 heads of 4 tokens x C=8 (f16): 64-byte head runs.
+        let layout = KvLayout::vllm(VllmLayout::Lhbnc, 2, 4, 4, 2, 4, Dtype::F16);
+        let blocks = [layout.block(3).unwrap(), layout.block(0).unwrap()];
+        let mut segs = Vec::new();
+        chunk_segments(&layout, &[1000, 9000], &blocks, 50_000, CopyDirection::Gather, &mut segs);
+        assert_eq!(segs.len(), 2 * 2 * 2);
+        assert_eq!(segs[0], Segment { src: 1000 + 3 * 64, dst: 50_000, len: 64 });
+        assert_eq!(segs[1], Segment { src: 1000, dst: 50_064, len: 64 });
+        assert_eq!(segs[2], Segment { src: 1000 + 4 * 64 + 3 * 64, dst: 50_128, len: 64 }); // head 1
+        assert_eq!(segs[5], Segment { src: 9000, dst: 50_320, len: 64 }); // layer 1, head 0
     }
 
     #[test]

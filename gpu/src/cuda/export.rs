@@ -40,7 +40,7 @@ impl DeviceKvCache {
         for _ in 0..layout.num_layers {
             // SAFETY: context bound; the allocation is owned by `cache`,
             // which frees it on drop.
-            let ptr = unsafe { result::malloc_sync(layout.layer_bytes() as usize) }.map_err(op("cuMemAlloc"))?;
+            let ptr = unsafe { result::malloc_sync(layout.layer_extent() as usize) }.map_err(op("cuMemAlloc"))?;
             cache.layers.push(ptr);
             let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
             // SAFETY: `ptr` is a live allocation of this context; `h` is a
@@ -64,17 +64,17 @@ impl DeviceKvCache {
 
     /// What a register request carries for this cache.
     pub fn memory_handle(&self) -> MemoryHandle {
-        let size = self.layout.layer_bytes();
+        let size = self.layout.layer_extent();
         let layers = self.handles.iter().map(|h| CudaIpcLayer { handle: h.clone(), offset: 0, size }).collect();
         MemoryHandle::CudaIpc { device_uuid: self.device.uuid(), layers }
     }
 
-    fn block_addr(&self, layer: u32, plane: u32, block: BlockId) -> sys::CUdeviceptr {
-        self.layers[layer as usize] + self.layout.offset_in_layer(plane, block)
+    fn block_addr(&self, layer: u32, run: u32, block: BlockId) -> sys::CUdeviceptr {
+        self.layers[layer as usize] + self.layout.offset_in_layer(run, block)
     }
 
     fn check(&self, layer: u32, plane: u32, len: usize) -> Result<(), CudaError> {
-        if layer >= self.layout.num_layers || plane >= self.layout.planes() || len as u64 != self.layout.block_bytes() {
+        if layer >= self.layout.num_layers || plane >= self.layout.runs() || len as u64 != self.layout.run_bytes() {
             return Err(CudaError::Invalid(format!("block ({layer}, {plane}) of {len} bytes is not in the layout")));
         }
         Ok(())

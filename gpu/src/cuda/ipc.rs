@@ -64,7 +64,10 @@ fn ipc_handle(bytes: &[u8]) -> Result<sys::CUipcMemHandle, IpcOpenError> {
 
 impl IpcKvMemory {
     /// Opens every layer's allocation (each distinct handle once) and checks
-    /// that each layer's region lies inside its allocation.
+    /// that each layer's region ([`KvLayout::layer_extent`] bytes from the
+    /// layer's handle and offset, its base) lies inside its allocation. The
+    /// layout's layer offset and stride are not used: each layer's base is
+    /// its own.
     pub fn open(device: Arc<CudaDevice>, layout: &KvLayout, layers: &[CudaIpcLayer]) -> Result<Self, IpcOpenError> {
         if layers.len() != layout.num_layers as usize {
             return Err(IpcOpenError::LayoutMismatch(format!(
@@ -76,7 +79,8 @@ impl IpcKvMemory {
         device.bind()?;
         let mut mem = IpcKvMemory { device, opened: Vec::new(), layers: Vec::new(), events: Mutex::new(Vec::new()) };
         let mut by_handle: HashMap<&[u8], (sys::CUdeviceptr, usize)> = HashMap::new();
-        let need = layout.layer_bytes();
+        layout.validate().map_err(|e| IpcOpenError::InvalidArgument(format!("layout: {e}")))?;
+        let need = layout.layer_extent();
         for (i, layer) in layers.iter().enumerate() {
             let (base, size) = match by_handle.get(layer.handle.as_slice()) {
                 Some(&v) => v,
