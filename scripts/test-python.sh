@@ -4,7 +4,10 @@
 # maturin, pytest, pytest-timeout and torch from PyPI, then the package the
 # way a user does (`pip install ./python`: builds the extension and the
 # `kvcoord` command with maturin), and runs pytest. Fails on any failure, and
-# when pytest collects no test.
+# when pytest collects no test. The coordinator's backend is
+# $KVCOORD_TEST_BACKEND (auto: cuda where torch sees a GPU, else host); the
+# CUDA tensor tests (python/tests/test_cuda.py) run only on cuda and are
+# otherwise skipped with "skipped: no CUDA driver".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

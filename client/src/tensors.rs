@@ -11,14 +11,18 @@
 //! - MLA's `[num_blocks, block_tokens, latent]`,
 //!
 //! the layers at one stride from each other, all inside one shared host
-//! region (`kvcoord_memory::shared`), anywhere in it. The placement is read
-//! from each view's address, shape, strides and element size:
-//! [`host_kv_cache`] checks all of it. This module must never touch the
+//! region (`kvcoord_memory::shared`), anywhere in it, or all in device
+//! memory (CUDA tensors, e.g. from PyTorch's caching allocator). The
+//! placement is read from each view's address, shape, strides and element
+//! size, the same way for both: [`host_kv_cache`] checks all of it for CPU
+//! tensors, [`kv_cache`] for either (CUDA memory is exported per layer by
+//! `kvcoord_memory::cuda::export_layers`). This module must never touch the
 //! memory.
 
 use std::sync::Arc;
 
-use kvcoord_memory::{BlockShape, Dtype, KvLayout, Placement, RegionError, RegionRegistry, SharedRegion};
+use kvcoord_memory::cuda::{self, CudaError};
+use kvcoord_memory::{BlockShape, Dtype, KvLayout, MemoryHandle, Placement, RegionError, RegionRegistry, SharedRegion};
 use kvcoord_transport::{ErrorKind, WireError};
 
 /// What a binding knows about one per-layer tensor.
@@ -171,21 +175,36 @@ fn layer_placement(
     Ok((tokens, shape_of, place))
 }
 
-/// The tensors' layout dtype, if there are any, all on the CPU, all of one
-/// supported dtype.
-fn devices_and_dtype(tensors: &[TensorDesc]) -> Result<Dtype, WireError> {
+/// Where the tensors are: all in host memory, or all on CUDA devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Residence {
+    Cpu,
+    Cuda,
+}
+
+/// The tensors' layout dtype and residence, if there are any, all on the
+/// CPU or all on CUDA, all of one supported dtype.
+fn devices_and_dtype(tensors: &[TensorDesc]) -> Result<(Dtype, Residence), WireError> {
     let first = tensors.first().ok_or_else(|| invalid("kv_caches is empty: pass one tensor per layer".into()))?;
     let mut dtype = None;
+    let mut residence = None;
     for (i, t) in tensors.iter().enumerate() {
-        match t.device.as_str() {
-            "cpu" => {}
-            "cuda" => {
+        let here = match t.device.as_str() {
+            "cpu" => Residence::Cpu,
+            "cuda" => Residence::Cuda,
+            other => {
                 return Err(invalid(format!(
-                    "kv_caches[{i}] is on CUDA: CUDA tensors: not in this release (use CPU tensors from kvcoord.shared_tensor)"
+                    "kv_caches[{i}] is on device `{other}`; only CPU and CUDA tensors are supported"
                 )))
             }
-            other => return Err(invalid(format!("kv_caches[{i}] is on device `{other}`; only CPU tensors are supported"))),
+        };
+        if residence.is_some_and(|r| r != here) {
+            return Err(invalid(format!(
+                "kv_caches[{i}] is on {} but kv_caches[0] on {}: every layer must be on the same device",
+                t.device, first.device
+            )));
         }
+        residence = Some(here);
         let d = dtype_from_torch(&t.dtype).ok_or_else(|| {
             invalid(format!(
                 "kv_caches[{i}] has dtype {}; supported: bfloat16, float16, float32, int8, uint8, float8",
@@ -197,7 +216,7 @@ fn devices_and_dtype(tensors: &[TensorDesc]) -> Result<Dtype, WireError> {
         }
         dtype = Some(d);
     }
-    Ok(dtype.expect("at least one tensor"))
+    Ok((dtype.expect("at least one tensor"), residence.expect("at least one tensor")))
 }
 
 fn not_shared(i: usize) -> WireError {
@@ -211,7 +230,7 @@ fn not_shared(i: usize) -> WireError {
 /// their layout; `InvalidArgument` for what the coordinator cannot take at
 /// all, `LayoutMismatch` for tensors that do not form one layout.
 pub fn layout_from_tensors(tensors: &[TensorDesc], block_tokens: u32) -> Result<KvTensors, WireError> {
-    let dtype = devices_and_dtype(tensors)?;
+    let (dtype, _) = devices_and_dtype(tensors)?;
     let first = &tensors[0];
     if block_tokens == 0 {
         return Err(invalid("block_tokens must be positive".into()));
@@ -309,15 +328,17 @@ pub fn shared_region_for(
     Ok((layout, region))
 }
 
-/// Both steps: the layout of per-layer tensors, placed in the shared region
-/// they are in, and that region.
+/// Both steps: the layout of per-layer CPU tensors, placed in the shared
+/// region they are in, and that region (CUDA tensors: [`kv_cache`]).
 pub fn host_kv_cache(
     tensors: &[TensorDesc],
     block_tokens: u32,
     registry: &RegionRegistry,
 ) -> Result<(KvLayout, Arc<SharedRegion>), WireError> {
     // Memory the coordinator cannot map at all is named before its geometry.
-    devices_and_dtype(tensors)?;
+    if devices_and_dtype(tensors)?.1 == Residence::Cuda {
+        return Err(invalid("kv_caches are CUDA tensors: register them with kv_cache, not host_kv_cache".into()));
+    }
     for (i, t) in tensors.iter().enumerate() {
         if let Err(RegionError::NotShared { .. }) = registry.resolve(t.data_ptr, 1) {
             return Err(not_shared(i));
@@ -325,6 +346,62 @@ pub fn host_kv_cache(
     }
     let kv = layout_from_tensors(tensors, block_tokens)?;
     shared_region_for(tensors, &kv, registry)
+}
+
+/// The memory behind a checked KV cache: what a register request carries.
+#[derive(Clone, Debug)]
+pub enum KvCacheMemory {
+    /// CPU tensors: the shared region (its memfd goes with the request).
+    Host(Arc<SharedRegion>),
+    /// CUDA tensors: each layer's allocation exported by IPC.
+    Cuda(MemoryHandle),
+}
+
+impl KvCacheMemory {
+    /// The register request's memory handle.
+    pub fn handle(&self) -> MemoryHandle {
+        match self {
+            KvCacheMemory::Host(r) => MemoryHandle::HostFd { size: r.len() },
+            KvCacheMemory::Cuda(h) => h.clone(),
+        }
+    }
+}
+
+/// Why CUDA tensors were refused by the driver side, as a wire error.
+fn cuda_refused(e: CudaError) -> WireError {
+    match e {
+        CudaError::NoDriver => invalid(
+            "kv_caches are CUDA tensors but no CUDA driver (libcuda) can be loaded in this process: \
+             CUDA tensors need the NVIDIA driver"
+                .into(),
+        ),
+        e => invalid(format!("kv_caches: CUDA tensors cannot be registered: {e}")),
+    }
+}
+
+/// The layout of per-layer tensors and the memory behind them: CPU tensors
+/// as [`host_kv_cache`]; CUDA tensors with the same shapes and placement
+/// rules (layer 0's layout offset stays 0: on CUDA each layer's base is its
+/// own IPC handle + offset), exported per layer with
+/// `kvcoord_memory::cuda::export_layers`. Without a CUDA driver, CUDA
+/// tensors are `InvalidArgument` (checked before any other CUDA call), and
+/// so is memory legacy IPC cannot export (expandable segments, cumem).
+pub fn kv_cache(
+    tensors: &[TensorDesc],
+    block_tokens: u32,
+    registry: &RegionRegistry,
+) -> Result<(KvLayout, KvCacheMemory), WireError> {
+    if devices_and_dtype(tensors)?.1 == Residence::Cpu {
+        let (layout, region) = host_kv_cache(tensors, block_tokens, registry)?;
+        return Ok((layout, KvCacheMemory::Host(region)));
+    }
+    if !cuda::driver_present() {
+        return Err(cuda_refused(CudaError::NoDriver));
+    }
+    let kv = layout_from_tensors(tensors, block_tokens)?;
+    let ptrs: Vec<u64> = tensors.iter().map(|t| t.data_ptr).collect();
+    let handle = cuda::export_layers(&ptrs, kv.layout.layer_extent()).map_err(cuda_refused)?;
+    Ok((kv.layout, KvCacheMemory::Cuda(handle)))
 }
 
 #[cfg(test)]
@@ -441,11 +518,8 @@ mod tests {
         type Break = Box<dyn Fn(&mut Vec<TensorDesc>)>;
         let cases: Vec<(Break, ErrorKind, &str)> = vec![
             (Box::new(|t| t.clear()), ErrorKind::InvalidArgument, "empty"),
-            (
-                Box::new(|t| t[1].device = "cuda".into()),
-                ErrorKind::InvalidArgument,
-                "CUDA tensors: not in this release",
-            ),
+            (Box::new(|t| t[1].device = "cuda".into()), ErrorKind::InvalidArgument, "same device"),
+            (Box::new(|t| t[1].device = "mps".into()), ErrorKind::InvalidArgument, "only CPU and CUDA"),
             (Box::new(|t| t[1].dtype = "torch.float16".into()), ErrorKind::LayoutMismatch, "dtype"),
             (
                 Box::new(|t| t.iter_mut().for_each(|t| (t.shape, t.strides) = (vec![8, 256], vec![256, 1]))),
@@ -535,5 +609,32 @@ mod tests {
         registry.bind(id, 0x100000).unwrap();
         let (l, _) = check(&vllm_views("BLNHC", [3, 6, 2, 16, 8], 0x100000 + 4096, "torch.int8", 1)).unwrap();
         assert_eq!(l, KvLayout::vllm(VllmLayout::Blnhc, 3, 6, 16, 2, 4, Dtype::Fp8).at_offset(4096));
+    }
+
+    #[test]
+    fn cuda_tensors_without_a_driver_are_refused_by_name() {
+        let e = cuda_refused(CudaError::NoDriver);
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("no CUDA driver (libcuda)"), "{}", e.message);
+        let vmm = cuda_refused(CudaError::Invalid(format!("layer 0: {}", cuda::VMM_NOT_EXPORTABLE)));
+        assert_eq!(vmm.kind, ErrorKind::InvalidArgument);
+        assert!(vmm.message.contains("expandable_segments:True"), "{}", vmm.message);
+        let registry = RegionRegistry::new();
+        let mut t = vllm_views("LBNHC", [2, 6, 2, 16, 8], 0x7000_0000, "torch.bfloat16", 2);
+        t.iter_mut().for_each(|t| t.device = "cuda".into());
+        // host_kv_cache never takes CUDA tensors.
+        let e = host_kv_cache(&t, 16, &registry).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("CUDA tensors"), "{}", e.message);
+        let e = kv_cache(&t, 16, &registry).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{}", e.message);
+        if !cuda::driver_present() {
+            // CI: the path a CUDA tensor takes on a machine without libcuda.
+            assert!(e.message.contains("no CUDA driver (libcuda)"), "{}", e.message);
+        } else {
+            // With a driver (with or without a GPU), these host addresses
+            // are not exportable device memory.
+            assert!(e.message.contains("CUDA tensors cannot be registered"), "{}", e.message);
+        }
     }
 }

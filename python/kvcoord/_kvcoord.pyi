@@ -1,7 +1,13 @@
 """Type stubs of the compiled module kvcoord._kvcoord (see kvcoord/__init__.py)."""
 
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
+
+class _IpcEvent(Protocol):
+    """What `Instance.store` takes as `ready_event`: e.g.
+    `torch.cuda.Event(interprocess=True)`."""
+
+    def ipc_handle(self) -> bytes: ...
 
 __version__: str
 
@@ -46,7 +52,14 @@ class Instance:
     num_layers: int
     num_blocks: int
     block_tokens: int
-    def store(self, hashes: Sequence[bytes], block_ids: Sequence[int], ready_event: bytes | None = None) -> Transfer: ...
+    def store(
+        self, hashes: Sequence[bytes], block_ids: Sequence[int], ready_event: _IpcEvent | bytes | None = None
+    ) -> Transfer:
+        """Stores the chunks `hashes` from `block_ids`. For a CUDA KV cache,
+        `ready_event` is a `torch.cuda.Event(interprocess=True)` recorded
+        after writing the blocks (or its `ipc_handle()` bytes); the
+        coordinator's copy waits for it. Without one the blocks must already
+        be written (e.g. after `torch.cuda.synchronize()`)."""
     def retrieve(self, hashes: Sequence[bytes], block_ids: Sequence[int], lease: int | None = None) -> Transfer: ...
     def unregister(self) -> None: ...
     def __enter__(self) -> Instance: ...
@@ -67,7 +80,13 @@ class Client:
         model: str,
         kv_caches: Mapping[str, Any] | Sequence[Any],
         block_tokens: int,
-    ) -> Instance: ...
+    ) -> Instance:
+        """Registers one TP rank's per-layer KV tensors (in layer order): views
+        of one `kvcoord.shared_tensor`, or CUDA tensors (PyTorch's caching
+        allocator; exported by CUDA IPC, so the coordinator must run
+        `--backend cuda`/auto on a GPU). Memory from expandable segments
+        (`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`) or vLLM's cumem
+        allocator cannot be exported: `InvalidArgument`."""
     def lookup(
         self, model: str, world_size: int, hashes: Sequence[bytes], lease: bool = True
     ) -> tuple[int, int | None]: ...

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvcoord_client::tensors::{host_kv_cache, TensorDesc};
+use kvcoord_client::tensors::{kv_cache, KvCacheMemory, TensorDesc};
 use kvcoord_client::{parse_endpoint, BlockingClient, ClientConfig, Pending, PendingError};
-use kvcoord_memory::{KvLayout, MemoryHandle, RegionRegistry, SharedRegion};
+use kvcoord_memory::{KvLayout, RegionRegistry, SharedRegion};
 use kvcoord_transport::{
     chunk_hashes as rust_chunk_hashes, ChunkHash, ErrorKind, InstanceKey, LeaseId, RegisterKvCache, RequestError,
     RetrieveOutcome, StoreOutcome, WireError,
@@ -256,6 +256,18 @@ fn describe<'py>(i: usize, t: &Bound<'py, PyAny>) -> PyResult<TensorDesc> {
     Ok(TensorDesc { device, dtype, shape, strides, data_ptr })
 }
 
+/// The IPC handle bytes of a ready event: bytes as they are, or an object
+/// with `ipc_handle()` (`torch.cuda.Event(interprocess=True)`).
+fn event_handle(e: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(b) = e.cast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    let handle = e.call_method0("ipc_handle").map_err(|err| {
+        invalid(format!("ready_event must be a torch.cuda.Event(interprocess=True) or its ipc_handle() bytes ({err})"))
+    })?;
+    handle.extract::<Vec<u8>>().or_else(|_| Ok(handle.cast::<PyBytes>()?.as_bytes().to_vec()))
+}
+
 #[pymethods]
 impl Client {
     /// Connects to the coordinator at `endpoint` (`unix:///path` or
@@ -288,7 +300,10 @@ impl Client {
 
     /// Registers one TP rank's KV cache: `kv_caches` is a dict name -> tensor
     /// (in layer order) or a list of per-layer tensors, each a view of one
-    /// `kvcoord.shared_tensor` (anywhere in it), the layers at one stride:
+    /// `kvcoord.shared_tensor` (anywhere in it) or, on a coordinator running
+    /// the CUDA backend, of one CUDA tensor (from PyTorch's caching
+    /// allocator; exported by CUDA IPC, so not from expandable segments or
+    /// vLLM's cumem allocator: `InvalidArgument`), the layers at one stride:
     /// vLLM's `[num_blocks, kv_heads, block_tokens, 2 * head_size]` views in
     /// any of its KV-cache layouts (the strides tell which), MLA's
     /// `[num_blocks, block_tokens, latent]`, or `[2, num_blocks,
@@ -314,18 +329,17 @@ impl Client {
                 .collect::<PyResult<_>>()?,
         };
         let descs = tensors.iter().enumerate().map(|(i, t)| describe(i, t)).collect::<PyResult<Vec<_>>>()?;
-        let (layout, region) = host_kv_cache(&descs, block_tokens, &REGIONS).map_err(|e| wire_err(&e))?;
+        let (layout, memory) = kv_cache(&descs, block_tokens, &REGIONS).map_err(|e| wire_err(&e))?;
         let key = InstanceKey { engine, rank };
-        let request = RegisterKvCache {
-            instance: key,
-            model: model.clone(),
-            world_size,
-            layout,
-            memory: MemoryHandle::HostFd { size: region.len() },
-        };
+        let request =
+            RegisterKvCache { instance: key, model: model.clone(), world_size, layout, memory: memory.handle() };
         let inner = self.inner.clone();
+        let region = match &memory {
+            KvCacheMemory::Host(r) => Some(r.clone()),
+            KvCacheMemory::Cuda(_) => None,
+        };
         let fd_region = region.clone();
-        py.detach(move || inner.register(request, Some(fd_region.fd()))).map_err(|e| request_err(&e))?;
+        py.detach(move || inner.register(request, fd_region.as_ref().map(|r| r.fd()))).map_err(|e| request_err(&e))?;
         Ok(Instance { client: self.inner.clone(), key, model, world_size, layout, _region: region })
     }
 
@@ -420,16 +434,27 @@ struct Instance {
     model: String,
     world_size: u32,
     layout: KvLayout,
-    /// Keeps the memfd open for registering again after a restart.
-    _region: Arc<SharedRegion>,
+    /// Keeps the memfd open for registering again after a restart (CPU
+    /// tensors; CUDA memory stays the engine's, exported by IPC).
+    _region: Option<Arc<SharedRegion>>,
 }
 
 #[pymethods]
 impl Instance {
     /// Stores the chunks `hashes` from `block_ids` (blocks_per_chunk ids per
-    /// chunk, in order). Returns a `Transfer` at once.
+    /// chunk, in order). Returns a `Transfer` at once. For a CUDA KV cache,
+    /// `ready_event` is a `torch.cuda.Event(interprocess=True)` the engine
+    /// recorded after writing the blocks (or its `ipc_handle()` bytes): the
+    /// coordinator's copy waits for it. Without one, the blocks must already
+    /// be written (e.g. `torch.cuda.synchronize()`).
     #[pyo3(signature = (hashes, block_ids, ready_event=None))]
-    fn store(&self, hashes: Vec<Vec<u8>>, block_ids: Vec<u32>, ready_event: Option<Vec<u8>>) -> PyResult<Transfer> {
+    fn store(
+        &self,
+        hashes: Vec<Vec<u8>>,
+        block_ids: Vec<u32>,
+        ready_event: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Transfer> {
+        let ready_event = ready_event.map(event_handle).transpose()?;
         let (key, chunks) = (self.key, hashes_from(hashes)?);
         let pending = self.client.spawn(move |c| async move {
             let r = c.store_after(key, chunks, block_ids, ready_event).await;

@@ -1,9 +1,13 @@
 """Fixtures: a real coordinator started with the pip-installed ``kvcoord``
-command (host backend, private socket in tmp_path, admin API off)."""
+command (private socket in tmp_path, admin API off). Its backend is
+``$KVCOORD_TEST_BACKEND``: ``host``, ``cuda``, or ``auto`` (the default: cuda
+where torch sees a GPU, else host); memfd tests pass on either, the CUDA
+tensor tests (test_cuda.py) need cuda."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +22,34 @@ import kvcoord
 
 
 def kvcoord_command() -> str:
-    """The console script pip installed beside this interpreter."""
+    """The console script pip installed beside this interpreter, else the
+    `kvcoord` on PATH (a package installed with `pip install --target`)."""
     path = Path(sys.executable).parent / "kvcoord"
-    assert path.exists(), f"{path} is missing: install the package with `pip install ./python`"
-    return str(path)
+    if path.exists():
+        return str(path)
+    found = shutil.which("kvcoord")
+    assert found, f"{path} is missing: install the package with `pip install ./python`"
+    return found
+
+
+def backend_choice() -> str:
+    """The coordinator backend the tests run: $KVCOORD_TEST_BACKEND, where
+    `auto` (the default) is cuda when torch sees a GPU."""
+    choice = os.environ.get("KVCOORD_TEST_BACKEND", "auto")
+    assert choice in ("auto", "host", "cuda"), f"KVCOORD_TEST_BACKEND={choice!r}: use auto, host or cuda"
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "host"
+    return choice
+
+
+# Why the CUDA tensor tests do not run here, or None when they do.
+NO_CUDA = (
+    "skipped: no CUDA driver"
+    if not torch.cuda.is_available()
+    else None
+    if backend_choice() == "cuda"
+    else "skipped: KVCOORD_TEST_BACKEND=host"
+)
 
 
 class Server:
@@ -29,6 +57,7 @@ class Server:
         self.socket = tmp_path / "kv.sock"
         self.log = tmp_path / "server.log"
         self.extra = list(extra)
+        self.backend = backend_choice()
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -38,7 +67,7 @@ class Server:
 
     def start(self) -> None:
         assert self.proc is None
-        args = [kvcoord_command(), "serve", "--socket", str(self.socket), "--admin", "off", "--backend", "host"]
+        args = [kvcoord_command(), "serve", "--socket", str(self.socket), "--admin", "off", "--backend", self.backend]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args + self.extra, stdout=log, stderr=log)
         deadline = time.monotonic() + 20

@@ -150,7 +150,9 @@ def test_bad_inputs_raise_typed_errors_and_the_server_keeps_serving(server: Serv
         device=types.SimpleNamespace(type="cuda"), dtype=torch.bfloat16, shape=a[0].shape,
         stride=a[0].stride, data_ptr=a[0].data_ptr,
     )
-    expect(kvcoord.InvalidArgument, lambda: reg([fake_cuda]), says="CUDA tensors: not in this release")
+    # Host memory claiming to be CUDA: no driver (CI), or not device memory.
+    expect(kvcoord.InvalidArgument, lambda: reg([fake_cuda]), says="CUDA")
+    expect(kvcoord.InvalidArgument, lambda: reg([a[0], fake_cuda]), says="same device")
     expect(kvcoord.InvalidArgument, lambda: reg([]), says="empty")
     expect(kvcoord.InvalidArgument, lambda: reg(42), says="dict of tensors or a list")
 

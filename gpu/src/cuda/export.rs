@@ -4,9 +4,12 @@
 //! records after writing blocks and hands to the coordinator with a store.
 //!
 //! It also offers the few copies a worker needs around that (write or read a
-//! block); the coordinator never uses this module. It must never open
-//! another process's handles.
+//! block), and [`export_layers`]: memory another allocator owns (PyTorch's
+//! caching allocator sub-allocates), exported per layer as allocation base
+//! handle + offset. The coordinator never uses this module. It must never
+//! open another process's handles, nor free memory it did not allocate.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys};
@@ -135,6 +138,100 @@ impl Drop for DeviceKvCache {
             }
         }
     }
+}
+
+/// Why legacy IPC refuses memory from PyTorch's expandable segments or
+/// vLLM's cumem allocator (both map memory with `cuMemCreate`/`cuMemMap`).
+pub const VMM_NOT_EXPORTABLE: &str = "it cannot be exported with CUDA IPC (cuIpcGetMemHandle): memory from \
+     PyTorch's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) or vLLM's cumem allocator \
+     (sleep mode) is mapped with cuMemCreate, which legacy IPC cannot share; allocate the KV cache without them";
+
+/// Exports device memory that this process allocated by any means (e.g.
+/// the per-layer views of a PyTorch tensor): for each layer address, the
+/// IPC handle of the allocation holding it (found with
+/// `cuMemGetAddressRange`; one `cuIpcGetMemHandle` per distinct allocation)
+/// and the layer's offset in it, with `extent` bytes declared per layer.
+/// Every layer must be on one device, and its `extent` bytes inside its
+/// allocation. `NoDriver` without libcuda (checked before any other call);
+/// `Invalid` (with the reason) for memory that is not device memory or
+/// cannot be exported.
+pub fn export_layers(layer_ptrs: &[u64], extent: u64) -> Result<MemoryHandle, CudaError> {
+    if !super::driver::driver_present() {
+        return Err(CudaError::NoDriver);
+    }
+    super::driver::init()?;
+    let mut ordinal = None;
+    for (i, &ptr) in layer_ptrs.iter().enumerate() {
+        let mut o: i32 = -1;
+        // SAFETY: `o` is a valid out-pointer for this attribute (an int);
+        // an address the driver does not know is reported as an error.
+        unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut o as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        }
+        .result()
+        .map_err(|e| CudaError::Invalid(format!("layer {i} at {ptr:#x} is not CUDA device memory: {e}")))?;
+        match ordinal {
+            None => ordinal = Some(o),
+            Some(first) if first != o => {
+                return Err(CudaError::Invalid(format!("layer {i} is on device {o} but layer 0 on device {first}")))
+            }
+            Some(_) => {}
+        }
+    }
+    let ordinal = ordinal.ok_or_else(|| CudaError::Invalid("no layers".into()))?;
+    let device = CudaDevice::open(ordinal)?;
+    let previous = result::ctx::get_current().map_err(op("cuCtxGetCurrent"))?;
+    device.bind()?;
+    let exported = export_bound(layer_ptrs, extent);
+    if let Some(ctx) = previous {
+        // SAFETY: `ctx` was current on this thread a moment ago and its
+        // owner (the caller's runtime) still holds it.
+        let _ = unsafe { result::ctx::set_current(ctx) };
+    }
+    Ok(MemoryHandle::CudaIpc { device_uuid: device.uuid(), layers: exported? })
+}
+
+/// [`export_layers`] with the device's context bound.
+fn export_bound(layer_ptrs: &[u64], extent: u64) -> Result<Vec<CudaIpcLayer>, CudaError> {
+    let mut handles: HashMap<sys::CUdeviceptr, Vec<u8>> = HashMap::new();
+    let mut layers = Vec::with_capacity(layer_ptrs.len());
+    for (i, &ptr) in layer_ptrs.iter().enumerate() {
+        let (mut base, mut size) = (0, 0usize);
+        // SAFETY: the out-pointers are valid; the context is bound; an
+        // unknown address is reported as an error.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }
+            .result()
+            .map_err(|e| CudaError::Invalid(format!("layer {i}: cuMemGetAddressRange({ptr:#x}) failed: {e}")))?;
+        let offset = ptr - base;
+        if offset.checked_add(extent).is_none_or(|end| end > size as u64) {
+            return Err(CudaError::Invalid(format!(
+                "layer {i}: its {extent} bytes at offset {offset} run past the end of its allocation of {size} bytes"
+            )));
+        }
+        let handle = match handles.get(&base) {
+            Some(h) => h.clone(),
+            None => {
+                let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+                // SAFETY: `base` is the base of a live allocation of the
+                // bound context; `h` is initialised by the driver on success.
+                let h = unsafe {
+                    sys::cuIpcGetMemHandle(h.as_mut_ptr(), base)
+                        .result()
+                        .map_err(|e| CudaError::Invalid(format!("layer {i}: {VMM_NOT_EXPORTABLE} ({e})")))?;
+                    h.assume_init()
+                };
+                let bytes: Vec<u8> = h.reserved.iter().map(|&b| b as u8).collect();
+                handles.insert(base, bytes.clone());
+                bytes
+            }
+        };
+        layers.push(CudaIpcLayer { handle, offset, size: extent });
+    }
+    Ok(layers)
 }
 
 /// An interprocess event: the worker records it after writing a store's

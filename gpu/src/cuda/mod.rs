@@ -26,6 +26,6 @@ pub mod pinned;
 pub use device::CudaDevice;
 pub use driver::{driver_present, init, CudaError};
 pub use engine::{CopyDirection, CopyEngine, CopyMethod, Segment};
-pub use export::{DeviceKvCache, ReadyEvent};
+pub use export::{export_layers, DeviceKvCache, ReadyEvent, VMM_NOT_EXPORTABLE};
 pub use ipc::IpcKvMemory;
 pub use pinned::PinnedSlabs;
