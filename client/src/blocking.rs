@@ -21,6 +21,9 @@ use parking_lot::Mutex;
 use crate::client::{Client, LookupResult, RetrieveResult};
 use crate::config::ClientConfig;
 
+/// How long [`Pending::wait`] looks for the reply before it sleeps.
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(100);
+
 /// A reply that has not necessarily come yet. Its value arrives whole, once:
 /// there is no "done" flag apart from the value itself.
 pub struct Pending<T> {
@@ -65,6 +68,23 @@ impl<T> Pending<T> {
             Slot::Ready(v) => Ok(v),
             Slot::Taken => Err(PendingError::Taken),
             Slot::Waiting(rx) => {
+                // Most replies of small requests come within tens of
+                // microseconds: look for a short while before sleeping, so
+                // the caller's CPU is awake when the reply lands instead of
+                // being woken for it (a wake-up costs about as much as the
+                // request on a VM).
+                let spin_until = std::time::Instant::now() + SPIN_BEFORE_SLEEP.min(timeout.unwrap_or(Duration::MAX));
+                loop {
+                    match rx.try_recv() {
+                        Ok(v) => return Ok(v),
+                        Err(mpsc::TryRecvError::Disconnected) => return Err(PendingError::Abandoned),
+                        Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < spin_until => {
+                            std::hint::spin_loop()
+                        }
+                        Err(mpsc::TryRecvError::Empty) => break,
+                    }
+                }
+                let timeout = timeout.map(|t| t.saturating_sub(SPIN_BEFORE_SLEEP));
                 let got = match timeout {
                     Some(t) => rx.recv_timeout(t).map_err(|e| match e {
                         mpsc::RecvTimeoutError::Timeout => PendingError::NotYet,
