@@ -10,8 +10,9 @@
 //! 2. Host data plane: store and retrieve GB/s (request to verified reply)
 //!    with 1 and 4 TP clients, beside memcpy of the same bytes on as many threads
 //!    and the same gathers done in-process.
-//! 3. Recovery: 8 TP clients under load, SIGKILL + restart, time from the new
-//!    server listening to all 8 registered again and to the first store.
+//! 3. Recovery: 8 TP clients under load, SIGKILL at random moments + restart
+//!    (200 cycles), time from the new server listening to all 8 registered
+//!    again and to the first store: median, p99, max.
 //! 4. Index scale: lookups of 1, 64 and 4096-chunk prefixes against an index
 //!    of many chunk entries, and resident memory per entry.
 //! 5. Disk tier: lookup hit rate and retrieve GB/s after a SIGKILL + restart,
@@ -67,7 +68,7 @@ async fn bench(args: BenchArgs, dir: PathBuf) -> ExitCode {
             samples: 50_000,
             pipeline: Duration::from_secs(5),
             timed_rounds: 8,
-            cycles: 10,
+            cycles: 200,
             index_entries: 10_000_000,
         }
     };
