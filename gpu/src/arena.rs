@@ -26,6 +26,10 @@ pub const MAX_SLAB_BYTES: u64 = (u32::MAX as u64 + 1) - PAGE;
 /// Most slabs one arena takes (4096 x 256 MiB = 1 TiB).
 pub const MAX_SLABS: usize = 4096;
 
+/// The first slab an arena takes on demand; each next one is twice the size,
+/// up to the arena's slab size.
+pub const FIRST_SLAB_BYTES: u64 = 2 << 20;
+
 /// Bytes the caller copies into or out of: an arena allocation, or an L1
 /// object's write ticket or read guard.
 pub trait ObjectBytes {
@@ -263,7 +267,11 @@ impl Arena {
             None => {
                 let have: u64 = st.slabs.iter().map(|s| s.mem.len() as u64).sum();
                 let room = self.inner.capacity.saturating_sub(have) / PAGE * PAGE;
-                let size = st.slab_bytes.max(round_to_pages(need)).min(room);
+                // Slabs grow from 2 MiB, doubling up to `slab_bytes`: the
+                // first store on a fresh coordinator waits for what it needs
+                // faulted or pinned, not for a whole 256 MiB slab.
+                let growth = FIRST_SLAB_BYTES << st.slabs.len().min(24);
+                let size = growth.min(st.slab_bytes).max(round_to_pages(need)).min(room);
                 if size < need || st.slabs.len() == MAX_SLABS {
                     return Ok(None);
                 }
@@ -375,5 +383,28 @@ mod tests {
         for w in spans.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0);
         }
+    }
+
+    #[test]
+    fn slabs_grow_from_2_mib_doubling_to_the_slab_size_and_fit_big_objects() {
+        let a = Arena::new(1 << 30, 16 << 20, Box::new(HostSlabs));
+        // A small first object takes a 2 MiB slab, not the 16 MiB slab size.
+        let first = a.allocate(4096).unwrap().unwrap();
+        assert_eq!(a.usage().slab_bytes, 2 << 20);
+        // Filling it takes the next slabs at 4, 8, then 16 MiB (the cap).
+        let mut held = vec![first];
+        let mut sizes = vec![a.usage().slab_bytes];
+        while a.usage().slab_bytes < (2 + 4 + 8 + 16 + 16) << 20 {
+            held.push(a.allocate(1 << 20).unwrap().unwrap());
+            if a.usage().slab_bytes != *sizes.last().unwrap() {
+                sizes.push(a.usage().slab_bytes);
+            }
+        }
+        let steps: Vec<u64> = sizes.windows(2).map(|w| (w[1] - w[0]) >> 20).collect();
+        assert_eq!(steps, [4, 8, 16, 16]);
+        // An object larger than the next step gets a slab of its own size.
+        let fresh = Arena::new(1 << 30, 256 << 20, Box::new(HostSlabs));
+        let _big = fresh.allocate(32 << 20).unwrap().unwrap();
+        assert_eq!(fresh.usage().slab_bytes, 32 << 20);
     }
 }
