@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Python package's tests. Makes a venv ($VENV, default .venv; python3-venv
 # is installed with apt-get where it is missing and we are root), installs
-# maturin, pytest, pytest-timeout and torch from PyPI, then the package the
+# maturin, pytest, pytest-timeout and vllm 0.33 (with its torch) from PyPI, then the package the
 # way a user does (`pip install ./python`: builds the extension and the
 # `kvcoord` command with maturin), and runs pytest. Fails on any failure, and
 # when pytest collects no test. The coordinator's backend is
@@ -27,9 +27,10 @@ fi
 PY="$VENV/bin/python"
 
 t0=$(date +%s)
-# torch from PyPI is the CUDA build (~3 GB with its nvidia-* wheels); the
-# tests only use its CPU side. numpy only quiets torch's warning.
-"$PY" -m pip install -q --disable-pip-version-check maturin pytest pytest-timeout numpy torch
+# vLLM 0.33 from PyPI for the connector's tests (python/tests/test_vllm.py),
+# with the torch it pins: the CUDA build (~9 GB with its nvidia-* wheels, about
+# 3 minutes); the tests only use its CPU side. numpy only quiets torch.
+"$PY" -m pip install -q --disable-pip-version-check maturin pytest pytest-timeout numpy "vllm==0.33.0"
 t1=$(date +%s)
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 t2=$(date +%s)

@@ -41,6 +41,7 @@ from ._kvcoord import (
     Transfer,
     Unavailable,
     __version__,
+    default_endpoint,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
     "Transfer",
     "Lookup",
     "chunk_hashes",
+    "default_endpoint",
     "shared_tensor",
     "Error",
     "NotRegistered",

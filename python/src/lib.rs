@@ -581,6 +581,14 @@ fn _shared_region_count() -> usize {
     REGIONS.len()
 }
 
+/// The endpoint `kvcoord serve` listens on without `--socket`:
+/// `unix://$XDG_RUNTIME_DIR/kvcoord/kvcoord.sock`, else
+/// `unix:///run/kvcoord/kvcoord.sock` (read from this process's environment).
+#[pyfunction]
+fn default_endpoint() -> String {
+    format!("unix://{}", kvcoord::config::default_socket_path().display())
+}
+
 /// Runs the `kvcoord` command line (`argv[0]` is the program name); its exit code.
 #[pyfunction]
 fn _cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
@@ -618,6 +626,7 @@ fn _kvcoord(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_bind_shared_region, m)?)?;
     m.add_function(wrap_pyfunction!(_release_shared_region, m)?)?;
     m.add_function(wrap_pyfunction!(_shared_region_count, m)?)?;
+    m.add_function(wrap_pyfunction!(default_endpoint, m)?)?;
     m.add_function(wrap_pyfunction!(_cli_main, m)?)?;
     Ok(())
 }
