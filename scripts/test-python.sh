@@ -44,4 +44,9 @@ if [ "$rc" -eq 5 ]; then
     echo "pytest collected no test" >&2
     exit 1
 fi
-exit "$rc"
+[ "$rc" -eq 0 ] || exit "$rc"
+
+# The end-to-end example on CPU: a real transformer's KV stored by one
+# process, reused bit-exact by another. It exits non-zero unless identical.
+echo "== examples/python/prefix_reuse.py"
+"$PY" examples/python/prefix_reuse.py
