@@ -119,6 +119,9 @@ pub struct ScatterJob {
     pub memory: OpenedMemory,
     pub blocks: ChunkBlocks,
     pub objects: Vec<Option<ScatterSource>>,
+    /// IPC handle of the engine's "copy done" event (CUDA memory only): it
+    /// is recorded after the copy and the reply comes once the copy is queued.
+    pub done_event: Option<Vec<u8>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -293,7 +296,7 @@ fn gather_on_device(
     let wait = job
         .ready_event
         .as_deref()
-        .map(|h| mem.ready_event(h))
+        .map(|h| mem.ipc_event(h))
         .transpose()
         .map_err(|e| WireError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     if !job.gate.start() {
@@ -335,7 +338,7 @@ fn gather_on_device(
     // allocations at open) and writes inside one write ticket's pinned L1
     // object, which nobody else writes or reads until it commits. Both the
     // memory and the tickets are owned by `done`, which runs after the copy.
-    unsafe { engine.submit(CopyDirection::Gather, &segments, wait, done) }.map_err(internal)?;
+    unsafe { engine.submit(CopyDirection::Gather, &segments, wait, None, done) }.map_err(internal)?;
     Ok(rx)
 }
 
@@ -354,6 +357,9 @@ impl Handler<ScatterJob> for CopyLane {
 }
 
 fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveOutcome>, u64), WireError> {
+    if job.done_event.is_some() {
+        return Err(WireError::new(ErrorKind::InvalidArgument, "a done event needs CUDA-registered memory"));
+    }
     if !job.gate.start() {
         return Err(cancelled());
     }
@@ -391,14 +397,22 @@ fn scatter_on_host(job: ScatterJob, mem: &dyn KvMemory) -> Result<(Vec<RetrieveO
 }
 
 /// Queues one kernel scattering every servable chunk from pinned L1 into the
-/// instance's blocks; the reply is built after the copy finished. A buffer
-/// source is reported missing (the kernel reads only pinned memory; the
-/// instance does not read one for CUDA memory).
+/// instance's blocks; the reply is built after the copy finished, or, with a
+/// done event, once the copy is queued and the event recorded after it (the
+/// engine's stream waits on the event). A buffer source is reported missing
+/// (the kernel reads only pinned memory; the instance does not read one for
+/// CUDA memory).
 fn scatter_on_device(
     engine: &CopyEngine,
     job: ScatterJob,
     mem: Arc<IpcKvMemory>,
 ) -> Result<CopyDone<(Vec<RetrieveOutcome>, u64)>, WireError> {
+    let signal = job
+        .done_event
+        .as_deref()
+        .map(|h| mem.ipc_event(h))
+        .transpose()
+        .map_err(|e| WireError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     if !job.gate.start() {
         return Err(cancelled());
     }
@@ -433,6 +447,11 @@ fn scatter_on_device(
         held.push(source);
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // With a done event the reply goes now (below) and this one is dropped.
+    let (early, reply) = match signal {
+        Some(_) => (Some((outcomes.clone(), bytes)), None),
+        None => (None, Some(tx)),
+    };
     let done = move |r: Result<(), kvcoord_memory::cuda::CudaError>| {
         let _hold = mem;
         let result = r.map_err(internal).map(|_| {
@@ -443,15 +462,31 @@ fn scatter_on_device(
             }
             (outcomes, bytes)
         });
-        let _ = tx.send(result);
+        match reply {
+            Some(tx) => drop(tx.send(result)),
+            None => {
+                if let Err(e) = result {
+                    // The engine was told "queued"; a copy failing on the
+                    // device after that leaves its context unusable anyway.
+                    tracing::error!(error = %e, "a retrieve failed on the device after its early reply");
+                }
+            }
+        }
     };
     // SAFETY: each segment reads one committed L1 object (held by a read
     // guard) or a promoted object this job alone writes (its write ticket),
     // both pinned, and writes one block plane of the instance's opened
     // layers (ids validated, regions checked at open). `done` owns the
     // guards, tickets and memory until the copy finished.
-    unsafe { engine.submit(CopyDirection::Scatter, &segments, None, done) }.map_err(internal)?;
-    Ok(rx)
+    unsafe { engine.submit(CopyDirection::Scatter, &segments, None, signal, done) }.map_err(internal)?;
+    match early {
+        Some(queued) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(Ok(queued));
+            Ok(rx)
+        }
+        None => Ok(rx),
+    }
 }
 
 impl Handler<Crash> for CopyLane {

@@ -46,6 +46,9 @@ pub struct RetrieveChunks {
     pub chunks: Vec<ChunkHash>,
     pub block_ids: Vec<u32>,
     pub lease: Option<LeaseId>,
+    /// IPC handle of the engine's "copy done" event, for CUDA memory: the
+    /// reply comes once the copy is queued.
+    pub done_event: Option<Vec<u8>>,
     pub gate: Arc<JobGate>,
 }
 
@@ -239,11 +242,12 @@ impl Handler<RetrieveChunks> for InstanceActor {
         });
         let (layout, memory, gate) = (self.layout, self.memory.clone(), msg.gate);
         let (lane, data, rank, lease) = (self.lane.clone(), self.data.clone(), self.key.rank, msg.lease);
+        let done_event = msg.done_event;
         Box::pin(async move {
             let (blocks, sources) = prepared?;
             // Tier reads finish on the tier's threads; the lane only copies.
             let objects = futures::future::join_all(sources).await;
-            let job = ScatterJob { layout, memory, blocks, objects, gate };
+            let job = ScatterJob { layout, memory, blocks, objects, done_event, gate };
             let result = if job.objects.iter().all(Option::is_none) {
                 Ok(vec![RetrieveOutcome::Missing; job.objects.len()])
             } else {

@@ -120,6 +120,7 @@ pub async fn serve(
                 chunks: s.chunks,
                 block_ids: s.block_ids,
                 lease: s.lease,
+                done_event: s.done_event,
                 gate: gate.clone(),
             };
             copy_at(r.addr, msg, gate, deadline).await

@@ -214,8 +214,24 @@ impl Client {
         block_ids: Vec<u32>,
         lease: Option<LeaseId>,
     ) -> RetrieveResult {
+        self.retrieve_with_done_event(instance, chunks, block_ids, lease, None).await
+    }
+
+    /// Retrieves chunks; with `done_event` (the IPC handle of an
+    /// interprocess CUDA event of the engine; CUDA memory only) the server
+    /// replies once the copy is queued and records the event after it: the
+    /// blocks are written when the event completes, so the engine's stream
+    /// waits on the event before reading them.
+    pub async fn retrieve_with_done_event(
+        &self,
+        instance: InstanceKey,
+        chunks: Vec<ChunkHash>,
+        block_ids: Vec<u32>,
+        lease: Option<LeaseId>,
+        done_event: Option<Vec<u8>>,
+    ) -> RetrieveResult {
         let n = chunks.len();
-        let body = RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease });
+        let body = RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease, done_event });
         let missing = |error| RetrieveResult { outcomes: vec![RetrieveOutcome::Missing; n], error: Some(error) };
         match self.request(body).await {
             Ok(ReplyBody::Retrieved(outcomes)) => RetrieveResult { outcomes, error: None },

@@ -224,14 +224,19 @@ def run_b(args) -> dict:
                 reused = min(hit * chunk, len(tokens) - 1)  # a whole-prompt hit leaves one token
                 block_ids = list(range(blocks - hit * per_chunk, blocks))  # the last blocks: not A's
                 # In `--parts` retrieves at once: the coordinator runs them on
-                # parallel copy streams.
+                # parallel copy streams. With --gpu-wait each is awaited by the
+                # model's stream through a "copy done" event, not by the CPU.
                 cuts = [hit * i // args.parts for i in range(args.parts + 1)]
+                parts = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+                done = [torch.cuda.Event(interprocess=True) if args.gpu_wait else None for _ in parts]
                 transfers = [
-                    inst.retrieve(hashes[a:b], block_ids[a * per_chunk : b * per_chunk], lease)
-                    for a, b in zip(cuts, cuts[1:])
-                    if b > a
+                    inst.retrieve(hashes[a:b], block_ids[a * per_chunk : b * per_chunk], lease, ev)
+                    for (a, b), ev in zip(parts, done)
                 ]
                 outcomes = [o for t in transfers for o in t.result()]
+                for ev in done:
+                    if ev is not None:
+                        torch.cuda.current_stream().wait_event(ev)
                 t_loaded = time.perf_counter()
                 cache = kv_cache_from(paged, block_ids, reused, cfg.num_hidden_layers)
                 out = model(ids[:, reused:], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -304,6 +309,7 @@ def main() -> int:
     p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on a GPU by default")
     p.add_argument("--endpoint", default=None, help="a running coordinator (default: start one)")
     p.add_argument("--parts", type=int, default=None, help="retrieves in flight at once (1 on CPU, 4 on a GPU)")
+    p.add_argument("--gpu-wait", action="store_true", help="await retrieves on the GPU (done events), not the CPU")
     p.add_argument("--repeat", type=int, default=None, help="timed rounds, median shown (1 on CPU, 5 on a GPU)")
     p.add_argument("--role", choices=["A", "B"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -312,6 +318,8 @@ def main() -> int:
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.repeat = args.repeat or (1 if args.device == "cpu" else 5)
     args.parts = max(1, args.parts or (1 if args.device == "cpu" else 4))
+    if args.gpu_wait and args.device == "cpu":
+        raise SystemExit("--gpu-wait needs --device cuda")
     args.model_key = f"prefix-reuse/{args.shape}/{args.dtype}/seed0"
 
     if args.role == "A":
@@ -332,7 +340,7 @@ def main() -> int:
             server, args.endpoint = start_server(tmp, args.device, kv)
         base = [sys.executable, __file__, "--device", args.device, "--shape", args.shape, "--tokens", str(args.tokens)]
         base += ["--dtype", args.dtype, "--endpoint", args.endpoint, "--out", str(tmp), "--repeat", str(args.repeat)]
-        base += ["--parts", str(args.parts)]
+        base += ["--parts", str(args.parts)] + (["--gpu-wait"] if args.gpu_wait else [])
 
         def child(role: str, *extra: str) -> dict:
             r = subprocess.run(base + ["--role", role, *extra], capture_output=True, text=True)

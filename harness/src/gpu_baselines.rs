@@ -118,7 +118,7 @@ pub fn engine_baseline(
             // SAFETY: every segment lies inside `dev` or `host` (block
             // indices < blocks), each block once, and both buffers outlive
             // the completion (we wait for every `done` below).
-            unsafe { engine.submit(direction, &segs, None, move |r| drop(tx.send(r))) }?;
+            unsafe { engine.submit(direction, &segs, None, None, move |r| drop(tx.send(r))) }?;
             kernels += 1;
         }
         for _ in 0..kernels {

@@ -4,8 +4,8 @@ from types import TracebackType
 from typing import Any, Mapping, Protocol, Sequence
 
 class _IpcEvent(Protocol):
-    """What `Instance.store` takes as `ready_event`: e.g.
-    `torch.cuda.Event(interprocess=True)`."""
+    """What `Instance.store` takes as `ready_event` and `Instance.retrieve` as
+    `done_event`: e.g. `torch.cuda.Event(interprocess=True)`."""
 
     def ipc_handle(self) -> bytes: ...
 
@@ -60,7 +60,19 @@ class Instance:
         after writing the blocks (or its `ipc_handle()` bytes); the
         coordinator's copy waits for it. Without one the blocks must already
         be written (e.g. after `torch.cuda.synchronize()`)."""
-    def retrieve(self, hashes: Sequence[bytes], block_ids: Sequence[int], lease: int | None = None) -> Transfer: ...
+    def retrieve(
+        self,
+        hashes: Sequence[bytes],
+        block_ids: Sequence[int],
+        lease: int | None = None,
+        done_event: _IpcEvent | bytes | None = None,
+    ) -> Transfer:
+        """Retrieves the chunks `hashes` into `block_ids` (with a lookup's
+        `lease`). For a CUDA KV cache, `done_event` (a
+        `torch.cuda.Event(interprocess=True)` or its `ipc_handle()` bytes)
+        makes the transfer end once the copy is queued, the event recorded
+        after it: wait on it on the GPU
+        (`torch.cuda.current_stream().wait_event(ev)`) before reading the blocks."""
     def unregister(self) -> None: ...
     def __enter__(self) -> Instance: ...
     def __exit__(

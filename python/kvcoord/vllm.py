@@ -25,7 +25,8 @@ What it does, per role (vLLM builds one connector per process):
   request finishes or is preempted.
 - **Worker** (one per TP rank): registers the rank's KV tensors, retrieves a
   step's loads in ``start_load_kv`` and waits for them there (bounded by
-  ``timeout_s``), starts a step's stores in ``wait_for_save`` without
+  ``timeout_s``; on CUDA only until each copy is queued: the forward's
+  stream waits on a "copy done" event the coordinator records), starts a step's stores in ``wait_for_save`` without
   waiting, and reports finished stores in ``get_finished``. The coordinator
   stores whole chunks across all layers, so ``wait_for_layer_load`` and
   ``save_kv_layer`` do nothing. A load that fails, misses or runs late is
@@ -500,6 +501,7 @@ class WorkerSide:
         self.reqs_with_stores: set[str] = set()
         self.finishing: set[str] = set()
         self.load_errors: set[int] = set()
+        self.done_events: list[torch.cuda.Event] = []
         self.stats = KvcoordStats()
 
     # registration
@@ -548,20 +550,24 @@ class WorkerSide:
             # coordinator writes on its own streams, so that must be done.
             torch.cuda.current_stream().synchronize()
         inflight = []
-        for load in meta.loads:
+        for i, load in enumerate(meta.loads):
+            done = self._done_event(i) if self.on_cuda else None
             try:
-                inflight.append((load, inst.retrieve(load.hashes, load.block_ids, load.lease)))
+                inflight.append((load, inst.retrieve(load.hashes, load.block_ids, load.lease, done), done))
             except kvcoord.Error as e:
                 self._load_failed(load, str(e))
-        for load, transfer in inflight:
+        for load, transfer, done in inflight:
             try:
                 # Ends by the request's deadline (timeout_s) with the outcomes
                 # or a typed error; the coordinator never writes a block after
                 # that deadline, so nothing lands in blocks vLLM recomputes.
+                # With a done event (CUDA) it ends once the copy is queued.
                 outcomes = transfer.result()
             except kvcoord.Error as e:
                 self._load_failed(load, str(e))
                 continue
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)  # the forward reads after the copy
             per_chunk = len(load.block_ids) // max(1, len(load.hashes))
             missing = [i for i, o in enumerate(outcomes) if o != "retrieved"]
             loaded = len(outcomes) - len(missing)
@@ -573,6 +579,13 @@ class WorkerSide:
                 self.load_errors |= bad
                 self.stats.data["load_errors"] += 1
                 logger.warning("kvcoord: load of %s missed %d chunk(s)", load.req_id, len(missing))
+
+    def _done_event(self, i: int) -> "torch.cuda.Event":
+        """The i-th of this worker's "copy done" events: one per load of a
+        step (each load's wait is queued before the next step re-records it)."""
+        while len(self.done_events) <= i:
+            self.done_events.append(torch.cuda.Event(interprocess=True))
+        return self.done_events[i]
 
     def _load_failed(self, load: ChunkLoad, why: str) -> None:
         self.load_errors |= set(load.new_block_ids)

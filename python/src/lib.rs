@@ -263,7 +263,7 @@ fn event_handle(e: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
         return Ok(b.as_bytes().to_vec());
     }
     let handle = e.call_method0("ipc_handle").map_err(|err| {
-        invalid(format!("ready_event must be a torch.cuda.Event(interprocess=True) or its ipc_handle() bytes ({err})"))
+        invalid(format!("an event must be a torch.cuda.Event(interprocess=True) or its ipc_handle() bytes ({err})"))
     })?;
     handle.extract::<Vec<u8>>().or_else(|_| Ok(handle.cast::<PyBytes>()?.as_bytes().to_vec()))
 }
@@ -464,12 +464,24 @@ impl Instance {
     }
 
     /// Retrieves the chunks `hashes` into `block_ids` (with a lookup's
-    /// `lease`). Returns a `Transfer` at once.
-    #[pyo3(signature = (hashes, block_ids, lease=None))]
-    fn retrieve(&self, hashes: Vec<Vec<u8>>, block_ids: Vec<u32>, lease: Option<u64>) -> PyResult<Transfer> {
+    /// `lease`). Returns a `Transfer` at once. For a CUDA KV cache,
+    /// `done_event` (a `torch.cuda.Event(interprocess=True)`, or its
+    /// `ipc_handle()` bytes) makes the transfer end once the copy is queued,
+    /// with the event recorded after the copy: make the engine's stream wait
+    /// on it (`torch.cuda.current_stream().wait_event(ev)`) before reading
+    /// the blocks, instead of the CPU waiting for the copy.
+    #[pyo3(signature = (hashes, block_ids, lease=None, done_event=None))]
+    fn retrieve(
+        &self,
+        hashes: Vec<Vec<u8>>,
+        block_ids: Vec<u32>,
+        lease: Option<u64>,
+        done_event: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Transfer> {
+        let done_event = done_event.map(event_handle).transpose()?;
         let (key, chunks) = (self.key, hashes_from(hashes)?);
         let pending = self.client.spawn(move |c| async move {
-            let r = c.retrieve(key, chunks, block_ids, lease.map(LeaseId)).await;
+            let r = c.retrieve_with_done_event(key, chunks, block_ids, lease.map(LeaseId), done_event).await;
             match r.error {
                 Some(e) => Err(e),
                 None => Ok(r.outcomes.iter().map(retrieve_name).collect()),

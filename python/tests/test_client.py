@@ -163,6 +163,11 @@ def test_bad_inputs_raise_typed_errors_and_the_server_keeps_serving(server: Serv
     expect(kvcoord.InvalidArgument, lambda: inst.store(h, list(range(per - 1))).result())
     expect(kvcoord.InvalidArgument, lambda: inst.store([b"short"], list(range(per))), says="32")
     expect(kvcoord.InvalidArgument, lambda: c.release_lease(123456), says="no such lease")
+    h2 = prompt(6, 1)
+    assert inst.store(h2, list(range(per))).result() == ["stored"]
+    done = bytes(64)  # a done event is for CUDA memory only
+    expect(kvcoord.InvalidArgument, lambda: inst.retrieve(h2, list(range(per)), done_event=done).result(), says="CUDA")
+    expect(kvcoord.InvalidArgument, lambda: inst.retrieve(h2, list(range(per)), done_event=42), says="interprocess")
     inst.unregister()
     e = expect(kvcoord.NotRegistered, lambda: inst.store(h, list(range(per))).result())
     assert e.retriable and e.kind == "not_registered"

@@ -2,7 +2,8 @@
 vLLM-shaped per-layer views of a buffer sub-allocated by PyTorch's caching
 allocator (so each view's data_ptr is inside an allocation, not its base),
 exported by CUDA IPC; stores with and without a ready event, a lookup from a
-second client, retrieves into other blocks, compared bit-exact. Memory from
+second client, retrieves into other blocks (awaited on the CPU, or on the
+GPU through a done event), compared bit-exact. Memory from
 expandable segments cannot be exported and is refused.
 
 Where torch sees no GPU every test here is skipped with the reason
@@ -89,6 +90,7 @@ def test_cuda_views_store_lookup_retrieve_bit_exact(server: Server, order: str) 
         assert inst.retrieve(hashes, dst, lease=lease).result() == ["retrieved"] * 2
         torch.cuda.synchronize()
         check_copied(caches, src, dst)
+        stored = [v.index_select(0, torch.tensor(src, device="cuda")) for v in caches.values()]
         # Every byte outside the target blocks is what it was.
         after = raw.clone()
         raw.zero_()
@@ -118,6 +120,23 @@ def test_cuda_views_store_lookup_retrieve_bit_exact(server: Server, order: str) 
             assert inst.retrieve(h, d).result() == ["retrieved"]
             torch.cuda.synchronize()
             check_copied(caches, s, d)
+
+        # 3. A retrieve awaited on the GPU: it ends once the copy is queued,
+        # and a stream that waits on the done event reads the blocks.
+        for as_bytes in (False, True):
+            d = list(range(90, 90 + 2 * PER_CHUNK))
+            for v in caches.values():
+                v.index_fill_(0, torch.tensor(d, device="cuda"), 0)
+            torch.cuda.synchronize()
+            done = torch.cuda.Event(interprocess=True)
+            event = done.ipc_handle() if as_bytes else done
+            assert inst.retrieve(hashes, d, done_event=event).result() == ["retrieved"] * 2
+            reader = torch.cuda.Stream()
+            reader.wait_event(done)
+            with torch.cuda.stream(reader):
+                got = [v.index_select(0, torch.tensor(d, device="cuda")) for v in caches.values()]
+            reader.synchronize()
+            assert all(same_bytes(a, b) for a, b in zip(got, stored))
         inst.unregister()
 
 

@@ -13,7 +13,7 @@ use crate::error::WireError;
 
 /// Bumped on any incompatible change to any frame. 3: a layout carries its
 /// placement in the registered memory (`kvcoord_memory::Placement`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random value chosen at every server start. A client that sees a new
 /// epoch knows the server lost every registration.
@@ -158,6 +158,11 @@ pub struct RetrieveChunks {
     pub block_ids: Vec<u32>,
     /// The lookup's lease; this rank's share of it is released after the copy.
     pub lease: Option<LeaseId>,
+    /// IPC handle of an interprocess CUDA event of the engine (CUDA memory
+    /// only). With one, the server records it on its copy stream after the
+    /// scatter and replies as soon as the copy is queued: the engine's stream
+    /// waits on the event instead of its CPU waiting for the reply.
+    pub done_event: Option<Vec<u8>>,
 }
 
 /// Actors a fault-injection request can kill (only on a server started with

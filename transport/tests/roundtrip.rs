@@ -82,11 +82,16 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         (".{0,40}", any::<u32>(), hashes(), any::<bool>()).prop_map(|(model, world_size, chunks, lease)| {
             RequestBody::LookupModel(LookupByModel { model, world_size, chunks, lease })
         }),
-        (instance(), hashes(), ids(), prop::option::of(any::<u64>().prop_map(LeaseId))).prop_map(
-            |(instance, chunks, block_ids, lease)| {
-                RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease })
-            }
-        ),
+        (
+            instance(),
+            hashes(),
+            ids(),
+            prop::option::of(any::<u64>().prop_map(LeaseId)),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..80))
+        )
+            .prop_map(|(instance, chunks, block_ids, lease, done_event)| {
+                RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease, done_event })
+            }),
         any::<u64>().prop_map(|l| RequestBody::ReleaseLease { lease: LeaseId(l) }),
         Just(RequestBody::Clear),
         Just(RequestBody::Stats),

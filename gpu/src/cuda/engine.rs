@@ -308,7 +308,8 @@ impl CopyEngine {
     }
 
     /// Queues the copy of `segments` on `direction`'s stream, after `wait`
-    /// (an event of the client's, e.g. "KV ready") if given. `done` is called
+    /// (an event of the client's, e.g. "KV ready") if given, and records
+    /// `signal` (e.g. the client's "copy done") after it. `done` is called
     /// exactly once, from a completion thread, after the copy finished or
     /// failed. Every address must stay valid until then: pass what owns them
     /// in `done`'s captures.
@@ -324,6 +325,7 @@ impl CopyEngine {
         direction: CopyDirection,
         segments: &[Segment],
         wait: Option<sys::CUevent>,
+        signal: Option<sys::CUevent>,
         done: impl FnOnce(Result<(), CudaError>) + Send + 'static,
     ) -> Result<(), CudaError> {
         let lanes = match direction {
@@ -351,9 +353,13 @@ impl CopyEngine {
             (false, CopyMethod::Staged) => self.staged(lane, direction, segments, &mut tables),
             (false, CopyMethod::DmaBatch) => Self::dma_batch(stream, segments),
         };
-        // SAFETY: `event` and `stream` are alive.
-        let recorded =
-            launched.and_then(|_| unsafe { result::event::record(event, stream) }.map_err(op("cuEventRecord")));
+        // SAFETY: `event`, `signal` (the caller's) and `stream` are alive.
+        let recorded = launched
+            .and_then(|_| match signal {
+                Some(ev) => unsafe { result::event::record(ev, stream) }.map_err(op("cuEventRecord (done event)")),
+                None => Ok(()),
+            })
+            .and_then(|_| unsafe { result::event::record(event, stream) }.map_err(op("cuEventRecord")));
         if let Err(e) = recorded {
             // Whatever was queued must finish before the caller releases the
             // memory it names.

@@ -128,9 +128,10 @@ impl IpcKvMemory {
         &self.device
     }
 
-    /// The worker's ready event for this IPC event handle, opened on first
-    /// use and kept (at most [`MAX_READY_EVENTS`]) until the memory closes.
-    pub fn ready_event(&self, handle: &[u8]) -> Result<sys::CUevent, IpcOpenError> {
+    /// The engine's event for this IPC event handle (a "KV ready" event a
+    /// store waits for, or a "copy done" event a retrieve records), opened on
+    /// first use and kept (at most [`MAX_READY_EVENTS`]) until the memory closes.
+    pub fn ipc_event(&self, handle: &[u8]) -> Result<sys::CUevent, IpcOpenError> {
         let arr: [u8; IPC_HANDLE_BYTES] = handle.try_into().map_err(|_| {
             IpcOpenError::InvalidArgument(format!(
                 "event handle of {} bytes (expected {IPC_HANDLE_BYTES})",
