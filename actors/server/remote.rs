@@ -315,11 +315,13 @@ impl Inner {
         }
     }
 
-    /// Counts a failed call; a timeout or connection error marks the tier down.
+    /// Counts a failed call. On one server, a timeout or connection error
+    /// marks the tier down; on a cluster, one node failing is not the tier
+    /// failing (its other nodes serve their slots), so the caller decides.
     fn failed(&self, failure: Failure, why: String) {
         add(&self.counters.errors, 1);
         self.instruments.error(failure.name());
-        if failure.unreachable() {
+        if failure.unreachable() && !self.cluster {
             self.mark_down(why);
         } else {
             self.health.state.lock().1 = Some(why);
@@ -369,7 +371,7 @@ impl Inner {
         let results = futures::future::join_all(calls).await;
         self.instruments.observe(op, started.elapsed());
         let mut out: Vec<Option<Value>> = vec![None; keys.len()];
-        let mut answered = false;
+        let (mut answered, mut unreachable) = (false, None);
         for (members, result) in results {
             match result {
                 Ok(Ok(replies)) if replies.len() == members.len() => {
@@ -385,12 +387,24 @@ impl Inner {
                     Failure::Server,
                     format!("{} replies to a pipeline of {}", replies.len(), members.len()),
                 ),
-                Ok(Err(e)) => self.failed(Failure::of(&e), e.to_string()),
-                Err(_) => self.failed(Failure::Timeout, format!("{op} took longer than its limit")),
+                Ok(Err(e)) => {
+                    let f = Failure::of(&e);
+                    if f.unreachable() {
+                        unreachable = Some(e.to_string());
+                    }
+                    self.failed(f, e.to_string());
+                }
+                Err(_) => {
+                    unreachable = Some(format!("{op} took longer than its limit"));
+                    self.failed(Failure::Timeout, format!("{op} took longer than its limit"));
+                }
             }
         }
-        if answered {
-            self.mark_up();
+        match (answered, unreachable) {
+            (true, _) => self.mark_up(),
+            // No node of a cluster answered: the cluster is down.
+            (false, Some(why)) => self.mark_down(why),
+            (false, None) => {}
         }
         out
     }
@@ -454,8 +468,9 @@ impl Inner {
         TierReadError::Corrupt(key)
     }
 
-    /// Frames and `SET`s one object; the object's L1 read guard is released
-    /// as soon as its bytes are in the command buffer.
+    /// Frames and `SET`s one object. A write that failed because the remote
+    /// is down goes back to the queue (first in line) to be tried when it is
+    /// back; any other failed write is counted and dropped.
     async fn write(&self, job: WriteJob) {
         let cmd = {
             // SAFETY: the read guard in `job.object` keeps the object's bytes
@@ -467,7 +482,6 @@ impl Inner {
             cmd
         };
         let bytes = (HEADER_BYTES + job.object.len()) as u64;
-        drop(job.object);
         let started = Instant::now();
         let limit = self.limit(started + self.settings.timeout);
         let result = tokio::time::timeout_at(limit, self.connection.command(&cmd)).await;
@@ -480,12 +494,27 @@ impl Inner {
             }
             Ok(Err(e)) => {
                 add(&self.counters.write_errors, 1);
-                self.failed(Failure::of(&e), e.to_string());
+                let f = Failure::of(&e);
+                self.failed(f, e.to_string());
+                self.retry_later(job);
             }
+            // On a cluster, one node timing out is that node's: the pinger
+            // says whether the cluster is down.
             Err(_) => {
                 add(&self.counters.write_errors, 1);
                 self.failed(Failure::Timeout, "write took longer than its limit".into());
+                self.retry_later(job);
             }
+        }
+    }
+
+    /// Puts a failed write back while the whole tier is down (it goes out
+    /// when the remote is back); drops it otherwise (a refusal, or one
+    /// cluster node down: retrying would hold up every other write).
+    fn retry_later(&self, job: WriteJob) {
+        if !self.is_up() {
+            let bytes = job.object.len() as u64;
+            self.queue.put_back(job, bytes);
         }
     }
 }
@@ -520,11 +549,12 @@ async fn ping_loop(inner: std::sync::Weak<Inner>) {
         let limit = tier.limit(started + tier.settings.timeout);
         let ping = async {
             match &tier.connection {
-                // A cluster is up when every primary answers.
+                // A cluster is up while any primary answers (the others'
+                // slots miss until they come back).
                 Connection::Cluster(c) => {
                     let routing = redis::cluster_routing::RoutingInfo::MultiNode((
                         redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
-                        Some(redis::cluster_routing::ResponsePolicy::AllSucceeded),
+                        Some(redis::cluster_routing::ResponsePolicy::OneSucceeded),
                     ));
                     c.clone().route_command(redis::cmd("PING"), routing).await.map(|_| ())
                 }
@@ -534,17 +564,13 @@ async fn ping_loop(inner: std::sync::Weak<Inner>) {
         match tokio::time::timeout_at(limit, ping).await {
             Ok(Ok(())) => tier.mark_up(),
             Ok(Err(e)) => {
-                let f = Failure::of(&e);
-                // A cluster with one primary down still serves the others'
-                // slots: that is not "down".
-                if tier.cluster && f == Failure::Server {
-                    tier.health.state.lock().1 = Some(e.to_string());
-                    tier.mark_up();
-                } else {
-                    tier.failed(f, e.to_string());
-                }
+                tier.failed(Failure::of(&e), e.to_string());
+                tier.mark_down(e.to_string());
             }
-            Err(_) => tier.failed(Failure::Timeout, "ping took longer than its limit".into()),
+            Err(_) => {
+                tier.failed(Failure::Timeout, "ping took longer than its limit".into());
+                tier.mark_down("ping took longer than its limit".into());
+            }
         }
         drop(tier);
         tokio::time::sleep(PING_EVERY.saturating_sub(started.elapsed())).await;

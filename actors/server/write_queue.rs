@@ -73,6 +73,33 @@ impl<T> DropOldestQueue<T> {
         accepted
     }
 
+    /// Puts back an item popped but not done (its consumer could not finish
+    /// it now) as the next to pop, if it fits without dropping anything;
+    /// else drops it, counted. Returns whether it was put back.
+    pub fn put_back(&self, item: T, bytes: u64) -> bool {
+        let refused = {
+            let mut s = self.state.lock();
+            if s.closed || s.items.len() >= self.max_items || s.bytes + bytes > self.max_bytes {
+                Some(item)
+            } else {
+                s.items.push_front((item, bytes));
+                s.bytes += bytes;
+                None
+            }
+        };
+        match refused {
+            Some(item) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                drop(item);
+                false
+            }
+            None => {
+                self.ready.notify_one();
+                true
+            }
+        }
+    }
+
     /// The oldest pending item, waiting for one; `None` once closed and empty.
     pub async fn pop(&self) -> Option<T> {
         loop {
@@ -146,6 +173,19 @@ mod tests {
         assert!(!q.push("huge", 11), "bigger than the whole queue");
         assert_eq!(q.dropped(), 3);
         assert_eq!(q.depth(), (1, 8), "and nothing else was dropped for it");
+    }
+
+    #[test]
+    fn an_item_put_back_is_next_unless_the_queue_filled_meanwhile() {
+        let q = DropOldestQueue::new(2, 1 << 20);
+        q.push(1, 1);
+        assert!(q.put_back(0, 1));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(q.pop()), Some(0));
+        q.push(2, 1);
+        assert!(!q.put_back(0, 1), "full: the put-back item is the one dropped");
+        assert_eq!(q.dropped(), 1);
+        assert_eq!(q.depth(), (2, 2));
     }
 
     #[test]
