@@ -371,7 +371,7 @@ impl Inner {
         let results = futures::future::join_all(calls).await;
         self.instruments.observe(op, started.elapsed());
         let mut out: Vec<Option<Value>> = vec![None; keys.len()];
-        let (mut answered, mut unreachable) = (false, None);
+        let mut answered = false;
         for (members, result) in results {
             match result {
                 Ok(Ok(replies)) if replies.len() == members.len() => {
@@ -387,24 +387,14 @@ impl Inner {
                     Failure::Server,
                     format!("{} replies to a pipeline of {}", replies.len(), members.len()),
                 ),
-                Ok(Err(e)) => {
-                    let f = Failure::of(&e);
-                    if f.unreachable() {
-                        unreachable = Some(e.to_string());
-                    }
-                    self.failed(f, e.to_string());
-                }
-                Err(_) => {
-                    unreachable = Some(format!("{op} took longer than its limit"));
-                    self.failed(Failure::Timeout, format!("{op} took longer than its limit"));
-                }
+                Ok(Err(e)) => self.failed(Failure::of(&e), e.to_string()),
+                Err(_) => self.failed(Failure::Timeout, format!("{op} took longer than its limit")),
             }
         }
-        match (answered, unreachable) {
-            (true, _) => self.mark_up(),
-            // No node of a cluster answered: the cluster is down.
-            (false, Some(why)) => self.mark_down(why),
-            (false, None) => {}
+        // On a cluster, batches that failed were their nodes' (the pinger
+        // says when the whole cluster is down).
+        if answered {
+            self.mark_up();
         }
         out
     }
