@@ -209,7 +209,10 @@ const REMOTE_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
 fn check_remote_url(url: &str) -> Result<(), String> {
     let u = url::Url::parse(url).map_err(|e| format!("{}: {e}", redact_url(url)))?;
     if !REMOTE_SCHEMES.contains(&u.scheme()) {
-        return Err(format!("{}: the scheme must be redis://, rediss:// (TLS), valkey:// or valkeys://", redact_url(url)));
+        return Err(format!(
+            "{}: the scheme must be redis://, rediss:// (TLS), valkey:// or valkeys://",
+            redact_url(url)
+        ));
     }
     if u.host_str().is_none_or(str::is_empty) {
         return Err(format!("{}: names no host", redact_url(url)));

@@ -226,7 +226,11 @@ fn main() {
         workers,
         prompts,
         CHUNKS,
-        if mode == Mode::Store { (workers as u64 * prompts * CHUNKS as u64 * layout().chunk_object_bytes(16)) >> 20 } else { total >> 20 },
+        if mode == Mode::Store {
+            (workers as u64 * prompts * CHUNKS as u64 * layout().chunk_object_bytes(16)) >> 20
+        } else {
+            total >> 20
+        },
         what.replace("{seed}", &seed.to_string()),
         started.elapsed().as_secs_f64(),
         if ok { "OK" } else { "FAILED" }

@@ -161,7 +161,12 @@ async fn a_value_corrupted_with_redis_cli_is_a_miss_not_corruption() {
     let (r, v) = wb.retrieve_and_verify(&hashes, &[], None).await.unwrap();
     assert_eq!(
         r.outcomes,
-        vec![RetrieveOutcome::Retrieved, RetrieveOutcome::Retrieved, RetrieveOutcome::Missing, RetrieveOutcome::Missing]
+        vec![
+            RetrieveOutcome::Retrieved,
+            RetrieveOutcome::Retrieved,
+            RetrieveOutcome::Missing,
+            RetrieveOutcome::Missing
+        ]
     );
     assert_eq!(v.corrupt_chunks, 0, "the chunks served are exact");
     let s = wb.client.stats().await.unwrap();

@@ -460,7 +460,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tier = DiskTier::open(dir.path(), 1 << 30, 1 << 30, &|_, _| ModelId(0)).unwrap();
         let key = ObjectKey { model: ModelId(0), rank: 0, hash: ChunkHash([7; 32]) };
-        let namespace = Arc::new(ObjectNamespace { model: "m".into(), world_size: 1, layout: LayoutFingerprint([0; 16]) });
+        let namespace =
+            Arc::new(ObjectNamespace { model: "m".into(), world_size: 1, layout: LayoutFingerprint([0; 16]) });
         let job = WriteBehind { key, namespace: namespace.clone(), object: Box::new(filled(4096, 0xAB)) };
         assert!(tier.write_behind(job));
         let t = Instant::now();

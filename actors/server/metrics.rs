@@ -91,10 +91,8 @@ impl Metrics {
                 ("backend", backend.to_string()),
             ]),
         );
-        let remote = RemoteInstruments {
-            latency: Family::new_with_constructor(latency_histogram),
-            errors: Family::default(),
-        };
+        let remote =
+            RemoteInstruments { latency: Family::new_with_constructor(latency_histogram), errors: Family::default() };
         registry.register(
             "remote_call_duration_seconds",
             "Time of each call to the remote tier, by operation (probe, read, write)",

@@ -214,7 +214,9 @@ impl RemoteTier {
         let fail = |why: String| RemoteError { target: settings.shown_as.clone(), why };
         let uses_tls = match &settings.target {
             RemoteTarget::Standalone(u) => u.starts_with("rediss://") || u.starts_with("valkeys://"),
-            RemoteTarget::Cluster(nodes) => nodes.iter().any(|u| u.starts_with("rediss://") || u.starts_with("valkeys://")),
+            RemoteTarget::Cluster(nodes) => {
+                nodes.iter().any(|u| u.starts_with("rediss://") || u.starts_with("valkeys://"))
+            }
         };
         if uses_tls {
             // rustls needs a process-wide crypto provider; another part of
@@ -261,7 +263,10 @@ impl RemoteTier {
             cluster: matches!(settings.target, RemoteTarget::Cluster(_)),
             connection,
             queue,
-            health: Health { up: AtomicBool::new(false), state: Mutex::new((Instant::now(), Some("connecting".into()))) },
+            health: Health {
+                up: AtomicBool::new(false),
+                state: Mutex::new((Instant::now(), Some("connecting".into()))),
+            },
             counters: RemoteCounters::default(),
             instruments,
             back_up: tokio::sync::Notify::new(),
@@ -341,7 +346,13 @@ impl Inner {
     /// Runs `command` once per key (`EXISTS`, `GET`) as batches: one
     /// pipeline on a single server, one per hash slot on a cluster (all at
     /// once). Returns each key's reply, `None` where its batch failed.
-    async fn batched(&self, command: &str, keys: &[Vec<u8>], deadline: Instant, op: &'static str) -> Vec<Option<Value>> {
+    async fn batched(
+        &self,
+        command: &str,
+        keys: &[Vec<u8>],
+        deadline: Instant,
+        op: &'static str,
+    ) -> Vec<Option<Value>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         if self.cluster {
             let mut by_slot: HashMap<Slot, usize> = HashMap::new();
@@ -383,10 +394,8 @@ impl Inner {
                         }
                     }
                 }
-                Ok(Ok(replies)) => self.failed(
-                    Failure::Server,
-                    format!("{} replies to a pipeline of {}", replies.len(), members.len()),
-                ),
+                Ok(Ok(replies)) => self
+                    .failed(Failure::Server, format!("{} replies to a pipeline of {}", replies.len(), members.len())),
                 Ok(Err(e)) => self.failed(Failure::of(&e), e.to_string()),
                 Err(_) => self.failed(Failure::Timeout, format!("{op} took longer than its limit")),
             }
@@ -467,8 +476,9 @@ impl Inner {
             // alive and unwritten (Ready or Doomed) until it drops, below.
             let payload = unsafe { std::slice::from_raw_parts(job.object.as_ptr(), job.object.len()) };
             let header = remote_format::header(&job.key, payload);
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&job.key).arg(Framed { header: &header, payload });
+            // Room for every argument at once: the payload is copied once.
+            let mut cmd = redis::Cmd::with_capacity(3, 3 + job.key.len() + HEADER_BYTES + payload.len());
+            cmd.arg("SET").arg(&job.key).arg(Framed { header: &header, payload });
             cmd
         };
         let bytes = (HEADER_BYTES + job.object.len()) as u64;
@@ -576,7 +586,12 @@ impl Tier for RemoteTier {
         false
     }
 
-    fn probe(&self, namespace: &Arc<ObjectNamespace>, keys: &[ObjectKey], deadline: Instant) -> BoxFuture<'static, Vec<bool>> {
+    fn probe(
+        &self,
+        namespace: &Arc<ObjectNamespace>,
+        keys: &[ObjectKey],
+        deadline: Instant,
+    ) -> BoxFuture<'static, Vec<bool>> {
         let inner = self.inner.clone();
         let keys: Vec<Vec<u8>> = keys.iter().map(|k| inner.object_key(namespace, k)).collect();
         let n = keys.len();

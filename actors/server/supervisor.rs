@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use kvcoord_transport::{
-    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, RemoteStatus, ReplyBody, ServerStats, StatusReport,
-    WireError,
+    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, RemoteStatus, ReplyBody, ServerStats,
+    StatusReport, WireError,
 };
 
 use kvcoord_memory::cuda::CudaDevice;

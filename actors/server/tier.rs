@@ -182,7 +182,12 @@ pub trait Tier: Send + Sync {
     /// in one batch (one round trip for a remote tier). Resolves by
     /// `deadline` at the latest: what is not known by then counts as not
     /// held. Never blocks the caller.
-    fn probe(&self, namespace: &Arc<ObjectNamespace>, keys: &[ObjectKey], deadline: Instant) -> BoxFuture<'static, Vec<bool>> {
+    fn probe(
+        &self,
+        namespace: &Arc<ObjectNamespace>,
+        keys: &[ObjectKey],
+        deadline: Instant,
+    ) -> BoxFuture<'static, Vec<bool>> {
         let _ = (namespace, deadline);
         let held = keys.iter().map(|k| self.contains(k)).collect();
         Box::pin(futures::future::ready(held))

@@ -56,8 +56,12 @@ impl RedisServer {
             .arg(&self.dir)
             .args(["--protected-mode", "no"]);
         if self.cluster {
-            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
-                .args(["--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]);
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).args([
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-require-full-coverage",
+                "no",
+            ]);
         }
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn redis-server");
         self.child = Some(child);
