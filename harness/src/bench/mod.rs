@@ -136,21 +136,21 @@ async fn all_but_remote(
     bar: &indicatif::ProgressBar,
     rows: &mut Vec<Row>,
 ) -> bool {
-    control_plane(plan, &socket, &echo, rows).await;
+    control_plane(plan, socket, echo, rows).await;
     bar.inc(1);
     bar.set_message("host data plane, 1 TP client");
-    let mut ok = data_plane(plan, &socket, 1, 11, true, rows).await;
+    let mut ok = data_plane(plan, socket, 1, 11, true, rows).await;
     bar.inc(1);
     bar.set_message("host data plane, 4 TP clients");
-    ok &= data_plane(plan, &socket, 4, 12, false, rows).await;
+    ok &= data_plane(plan, socket, 4, 12, false, rows).await;
     bar.inc(1);
     bar.set_message("recovery");
     ok &= recovery(plan, server, socket, log, rows).await;
     bar.inc(1);
     bar.set_message("index scale");
-    ok &= index_scale(plan, &dir, rows).await;
+    ok &= index_scale(plan, dir, rows).await;
     bar.inc(1);
     bar.set_message("disk tier");
-    ok &= disk_tier(plan, &dir, rows).await;
+    ok &= disk_tier(plan, dir, rows).await;
     ok
 }
