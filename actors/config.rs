@@ -117,6 +117,23 @@ pub struct ServerConfig {
     pub disk_size: ByteSize,
     /// Bearer token that `POST /clear` requires; without one, clear is refused.
     pub admin_token: Option<String>,
+    /// The shared remote tier on one Redis/Valkey server:
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS (off
+    /// when unset).
+    pub remote: Option<String>,
+    /// The shared remote tier on a Redis Cluster: seed node URLs.
+    pub remote_cluster: Vec<String>,
+    /// Limit of every call to the remote tier (never past a request's deadline).
+    pub remote_timeout_ms: u64,
+    /// Bytes of objects waiting to be written to the remote tier at most
+    /// (they hold L1 memory; at most a quarter of L1 is used); beyond it the
+    /// oldest pending writes are dropped.
+    pub remote_queue_size: ByteSize,
+    /// Writes to the remote tier in flight at once.
+    pub remote_writers: u32,
+    /// Prefix of every remote key: coordinators share objects only under
+    /// the same prefix.
+    pub remote_key_prefix: String,
 }
 
 impl Default for ServerConfig {
@@ -148,6 +165,12 @@ impl Default for ServerConfig {
             disk_dir: None,
             disk_size: ByteSize::gib(100),
             admin_token: None,
+            remote: None,
+            remote_cluster: Vec::new(),
+            remote_timeout_ms: 1_000,
+            remote_queue_size: ByteSize::mib(256),
+            remote_writers: 4,
+            remote_key_prefix: "kvcoord".to_string(),
         }
     }
 }
@@ -178,6 +201,38 @@ pub fn parse_mode(s: &str) -> Option<u32> {
         return None;
     }
     u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// URL schemes of the remote tier (`s`: TLS).
+const REMOTE_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
+
+fn check_remote_url(url: &str) -> Result<(), String> {
+    let u = url::Url::parse(url).map_err(|e| format!("{}: {e}", redact_url(url)))?;
+    if !REMOTE_SCHEMES.contains(&u.scheme()) {
+        return Err(format!(
+            "{}: the scheme must be redis://, rediss:// (TLS), valkey:// or valkeys://",
+            redact_url(url)
+        ));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{}: names no host", redact_url(url)));
+    }
+    Ok(())
+}
+
+/// `url` with its password (if any) replaced by `***`; text that is not a
+/// URL is returned whole only if it has no `@` (which could hide one).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) if url.contains('@') => "<unparsable URL, redacted>".to_string(),
+        Err(_) => url.to_string(),
+    }
 }
 
 /// A configuration value that cannot be used; names the key.
@@ -278,7 +333,46 @@ impl ServerConfig {
         if self.admin_token.as_deref().is_some_and(str::is_empty) {
             return bad("admin_token", "must not be empty");
         }
+        if self.remote.is_some() && !self.remote_cluster.is_empty() {
+            return bad("remote", "give `remote` (one server) or `remote_cluster` (seed nodes), not both");
+        }
+        if let Some(url) = &self.remote {
+            check_remote_url(url).map_err(|why| ConfigError { key: "remote", why })?;
+        }
+        for url in &self.remote_cluster {
+            check_remote_url(url).map_err(|why| ConfigError { key: "remote_cluster", why })?;
+        }
+        if !(1..=600_000).contains(&self.remote_timeout_ms) {
+            return bad("remote_timeout_ms", "must be between 1 and 600000");
+        }
+        if self.remote_queue_size.as_u64() < (1 << 20) {
+            return bad("remote_queue_size", "must be at least 1 MiB");
+        }
+        if !(1..=256).contains(&self.remote_writers) {
+            return bad("remote_writers", "must be between 1 and 256");
+        }
+        if self.remote_key_prefix.is_empty()
+            || self.remote_key_prefix.len() > 64
+            || !self.remote_key_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return bad("remote_key_prefix", "must be 1 to 64 characters of letters, digits, `-`, `_` or `.`");
+        }
         Ok(())
+    }
+
+    /// Whether a remote tier is configured.
+    pub fn remote_on(&self) -> bool {
+        self.remote.is_some() || !self.remote_cluster.is_empty()
+    }
+
+    /// The configuration with every password in a URL replaced by `***`
+    /// (for `--print-config` and logs).
+    pub fn redacted(&self) -> ServerConfig {
+        ServerConfig {
+            remote: self.remote.as_deref().map(redact_url),
+            remote_cluster: self.remote_cluster.iter().map(|u| redact_url(u)).collect(),
+            ..self.clone()
+        }
     }
 
     /// The admin API address, unless it is `off`.
@@ -354,6 +448,30 @@ mod tests {
         assert_eq!(key(ServerConfig { admin_token: Some(String::new()), ..d() }), "admin_token");
         let disk = ServerConfig { disk_dir: Some("/tmp/x".into()), disk_size: ByteSize::kib(1), ..d() };
         assert_eq!(key(disk), "disk_size");
+    }
+
+    #[test]
+    fn remote_settings_are_validated_and_passwords_never_printed() {
+        let key = |c: ServerConfig| c.validate().unwrap_err().key;
+        let d = ServerConfig::default;
+        let ok = ServerConfig { remote: Some("redis://user:s3cret@127.0.0.1:6379/2".into()), ..d() };
+        assert!(ok.validate().is_ok());
+        assert!(ServerConfig { remote: Some("rediss://h:6380".into()), ..d() }.validate().is_ok());
+        assert_eq!(key(ServerConfig { remote: Some("http://h:1".into()), ..d() }), "remote");
+        assert_eq!(key(ServerConfig { remote: Some("not a url".into()), ..d() }), "remote");
+        let both = ServerConfig { remote_cluster: vec!["redis://a:1".into()], ..ok.clone() };
+        assert_eq!(key(both), "remote");
+        assert_eq!(key(ServerConfig { remote_cluster: vec!["redis://".into()], ..d() }), "remote_cluster");
+        assert_eq!(key(ServerConfig { remote_timeout_ms: 0, ..d() }), "remote_timeout_ms");
+        assert_eq!(key(ServerConfig { remote_writers: 0, ..d() }), "remote_writers");
+        assert_eq!(key(ServerConfig { remote_key_prefix: "a b".into(), ..d() }), "remote_key_prefix");
+        assert_eq!(key(ServerConfig { remote_queue_size: ByteSize::kib(1), ..d() }), "remote_queue_size");
+
+        let cluster = vec!["redis://:pw1@h1:1".to_string(), "rediss://u:pw2@h2:2".to_string()];
+        let printed = toml::to_string(&ServerConfig { remote_cluster: cluster, ..ok }.redacted()).unwrap();
+        assert!(!printed.contains("s3cret") && !printed.contains("pw1") && !printed.contains("pw2"), "{printed}");
+        assert!(printed.contains("redis://user:***@127.0.0.1:6379/2"), "{printed}");
+        assert_eq!(redact_url("garbage@host"), "<unparsable URL, redacted>");
     }
 
     #[test]

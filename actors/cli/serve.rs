@@ -96,6 +96,26 @@ pub struct ServeArgs {
     /// Bearer token that the admin `POST /clear` requires (clear is refused without one).
     #[arg(long, env = "KVCOORD_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// The shared remote tier on one Redis/Valkey server:
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://` for TLS.
+    #[arg(long, env = "KVCOORD_REMOTE")]
+    remote: Option<String>,
+    /// The shared remote tier on a Redis Cluster: seed node URLs, comma-separated.
+    #[arg(long, env = "KVCOORD_REMOTE_CLUSTER", value_delimiter = ',')]
+    remote_cluster: Option<Vec<String>>,
+    /// Milliseconds every call to the remote tier may take at most.
+    #[arg(long, env = "KVCOORD_REMOTE_TIMEOUT_MS")]
+    remote_timeout_ms: Option<u64>,
+    /// Bytes waiting to be written to the remote tier at most, e.g. `256MiB`;
+    /// beyond it the oldest pending writes are dropped.
+    #[arg(long, env = "KVCOORD_REMOTE_QUEUE_SIZE")]
+    remote_queue_size: Option<bytesize::ByteSize>,
+    /// Writes to the remote tier in flight at once.
+    #[arg(long, env = "KVCOORD_REMOTE_WRITERS")]
+    remote_writers: Option<u32>,
+    /// Prefix of every remote key (coordinators share objects only under the same prefix).
+    #[arg(long, env = "KVCOORD_REMOTE_KEY_PREFIX")]
+    remote_key_prefix: Option<String>,
     #[arg(long, value_enum, env = "KVCOORD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
     /// Print the effective configuration and exit.
@@ -131,8 +151,16 @@ impl ServeArgs {
             disk_size,
             max_frame_bytes,
             max_chunks_per_request,
-            max_deadline_ms
+            max_deadline_ms,
+            remote_cluster,
+            remote_timeout_ms,
+            remote_queue_size,
+            remote_writers,
+            remote_key_prefix
         );
+        if self.remote.is_some() {
+            c.remote = self.remote.clone();
+        }
         if self.disk_dir.is_some() {
             c.disk_dir = self.disk_dir.clone();
         }
@@ -182,7 +210,8 @@ pub fn run(args: ServeArgs) -> i32 {
         }
     };
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&config).expect("the configuration serialises"));
+        // Passwords in remote URLs are never printed.
+        print!("{}", toml::to_string_pretty(&config.redacted()).expect("the configuration serialises"));
         return 0;
     }
     init_logging(config.log_format);

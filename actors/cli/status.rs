@@ -87,6 +87,28 @@ fn print_report(r: &StatusReport) {
             s.disk_corrupt
         );
     }
+    if let Some(remote) = &r.remote {
+        println!(
+            "remote     {} {} for {}{}",
+            remote.endpoint,
+            if remote.up { "UP" } else { "DOWN" },
+            duration(remote.since_ms),
+            remote.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        );
+        println!(
+            "           {} hits, {} misses, {} in, {} out, {} written, queue {} ({}), {} dropped writes, {} refused values, {} failed calls",
+            s.remote_hits,
+            s.remote_misses,
+            ByteSize(s.remote_bytes_in),
+            ByteSize(s.remote_bytes_out),
+            s.remote_writes,
+            s.remote_queue_depth,
+            ByteSize(s.remote_queue_bytes),
+            s.remote_dropped_writes,
+            s.remote_rejected,
+            s.remote_failed_calls
+        );
+    }
     println!("leases     {} ({} objects pinned)", s.leases, s.pinned_objects);
     println!(
         "lookups    {} (hit {} of {} chunks asked)   stores {}   retrieves {}",

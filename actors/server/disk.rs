@@ -267,7 +267,7 @@ impl DiskTier {
 
     fn write(&self, job: WriteBehind) {
         let bytes = job.object.len() as u64;
-        let name = file_name(&job.model, job.world_size, job.key.rank, &job.key.hash);
+        let name = file_name(&job.namespace.model, job.namespace.world_size, job.key.rank, &job.key.hash);
         let result = self.write_file(&name, &job);
         drop(job.object);
         self.backlog.fetch_sub(bytes, Ordering::AcqRel);
@@ -295,8 +295,8 @@ impl DiskTier {
 
     fn write_file(&self, name: &str, job: &WriteBehind) -> std::io::Result<u64> {
         let header = Header {
-            model: job.model.to_string(),
-            world_size: job.world_size,
+            model: job.namespace.model.to_string(),
+            world_size: job.namespace.world_size,
             rank: job.key.rank,
             hash: job.key.hash,
             payload: job.object.len() as u64,
@@ -434,6 +434,8 @@ impl Tier for DiskTier {
             recovered: get(&c.recovered),
             skipped: get(&c.skipped),
             evictions: get(&c.evictions),
+            up: true,
+            ..TierStats::default()
         }
     }
 }
@@ -443,6 +445,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::server::keys::{LayoutFingerprint, ObjectNamespace};
     use crate::server::tier::Buffer;
 
     fn filled(len: usize, byte: u8) -> Buffer {
@@ -457,14 +460,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tier = DiskTier::open(dir.path(), 1 << 30, 1 << 30, &|_, _| ModelId(0)).unwrap();
         let key = ObjectKey { model: ModelId(0), rank: 0, hash: ChunkHash([7; 32]) };
-        let job = WriteBehind { key, model: "m".into(), world_size: 1, object: Box::new(filled(4096, 0xAB)) };
+        let namespace =
+            Arc::new(ObjectNamespace { model: "m".into(), world_size: 1, layout: LayoutFingerprint([0; 16]) });
+        let job = WriteBehind { key, namespace: namespace.clone(), object: Box::new(filled(4096, 0xAB)) };
         assert!(tier.write_behind(job));
         let t = Instant::now();
         while !tier.contains(&key) {
             assert!(t.elapsed() < Duration::from_secs(10), "the write-behind never landed");
             std::thread::sleep(Duration::from_millis(1));
         }
-        let (read, done) = TierRead::new(key, Buffer::zeroed(4096));
+        let (read, done) = TierRead::new(key, namespace.clone(), Buffer::zeroed(4096));
         tier.read(read);
         let (buf, result) = done.blocking_recv().expect("every read is answered");
         result.unwrap();
@@ -474,7 +479,7 @@ mod tests {
         assert_eq!(tier.stats().hits, 1);
 
         let other = ObjectKey { hash: ChunkHash([8; 32]), ..key };
-        let (read, done) = TierRead::new(other, Buffer::zeroed(4096));
+        let (read, done) = TierRead::new(other, namespace, Buffer::zeroed(4096));
         tier.read(read);
         assert!(matches!(done.blocking_recv().unwrap().1, Err(TierReadError::Missing)));
     }

@@ -23,10 +23,10 @@ use kvcoord_transport::{
 
 use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::counters::Counters;
-use super::keys::{ModelId, ObjectKey};
+use super::keys::{ModelId, ObjectKey, ObjectNamespace};
 use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
-use super::tier::{Buffer, Tier, TierRead, WriteBehind};
+use super::tier::{Buffer, TierRead, Tiers, WriteBehind};
 
 /// Store these chunks from these blocks.
 #[derive(Message)]
@@ -50,6 +50,8 @@ pub struct RetrieveChunks {
     /// reply comes once the copy is queued.
     pub done_event: Option<Vec<u8>>,
     pub gate: Arc<JobGate>,
+    /// The request's deadline: remote reads end before it (as misses).
+    pub deadline: std::time::Instant,
 }
 
 /// Stop (unregistered or reclaimed).
@@ -66,16 +68,16 @@ pub struct CrashInstance;
 #[derive(Clone)]
 pub struct DataPath {
     pub l1: Arc<L1Store>,
-    /// The tier below L1 (the disk), if configured.
-    pub lower_tier: Option<Arc<dyn Tier>>,
+    /// The tiers below L1 (disk, remote), as configured.
+    pub tiers: Tiers,
     pub counters: Arc<Counters>,
 }
 
 pub struct InstanceActor {
     pub key: InstanceKey,
     pub model: ModelId,
-    pub model_name: Arc<str>,
-    pub world_size: u32,
+    /// Model name, world size and layout: what names objects beyond this process.
+    pub namespace: Arc<ObjectNamespace>,
     pub layout: KvLayout,
     pub chunk_tokens: u32,
     pub memory: OpenedMemory,
@@ -88,7 +90,7 @@ impl InstanceActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         key: InstanceKey,
-        (model, model_name, world_size): (ModelId, Arc<str>, u32),
+        (model, namespace): (ModelId, Arc<ObjectNamespace>),
         layout: KvLayout,
         chunk_tokens: u32,
         memory: OpenedMemory,
@@ -98,7 +100,7 @@ impl InstanceActor {
         generation: u64,
     ) -> Self {
         let notice = DeathNotice::new(supervisor, ChildExited::Instance { key, generation });
-        InstanceActor { key, model, model_name, world_size, layout, chunk_tokens, memory, lane, data, notice }
+        InstanceActor { key, model, namespace, layout, chunk_tokens, memory, lane, data, notice }
     }
 
     fn validate(&self, chunks: &[ChunkHash], block_ids: &[u32]) -> Result<ChunkBlocks, WireError> {
@@ -114,36 +116,54 @@ impl InstanceActor {
         ObjectKey { model: self.model, rank: self.key.rank, hash }
     }
 
-    /// Where a chunk to retrieve is: L1, else the tier below (read into a
-    /// new L1 object, promoted once scattered, when there is room; else into
-    /// a buffer, for host memory only), else nowhere. A tier read starts now,
-    /// on the tier's threads; the future resolves when it is done, to `None`
-    /// if the object could not be read back whole and verified.
-    fn source(&self, key: ObjectKey, bytes: u64) -> BoxFuture<'static, Option<ScatterSource>> {
+    /// Where a chunk to retrieve is: L1, else the local tier, else the
+    /// remote tier (read into a new L1 object, promoted once scattered, when
+    /// there is room; else into a buffer, for host memory only), else
+    /// nowhere. A local tier read starts now, on the tier's threads; a
+    /// remote read is added to `remote_reads`, which the caller sends as one
+    /// batch. The future resolves when the read is done, to `None` if the
+    /// object could not be read back whole and verified.
+    fn source(
+        &self,
+        key: ObjectKey,
+        bytes: u64,
+        remote_reads: &mut Vec<TierRead>,
+    ) -> BoxFuture<'static, Option<ScatterSource>> {
         let l1 = &self.data.l1;
         if let Some(guard) = l1.read(&key) {
             return futures::future::ready(Some(ScatterSource::L1(guard))).boxed();
         }
-        let Some(tier) = self.data.lower_tier.as_ref().filter(|t| t.contains(&key)) else {
-            return futures::future::ready(None).boxed();
+        let (tier, batch) = match (&self.data.tiers.local, &self.data.tiers.remote) {
+            (Some(local), _) if local.contains(&key) => (local, None),
+            (_, Some(remote)) => (remote, Some(remote_reads)),
+            _ => return futures::future::ready(None).boxed(),
         };
+        let start = |read: TierRead| match batch {
+            Some(batch) => batch.push(read),
+            None => tier.read(read),
+        };
+        let namespace = self.namespace.clone();
         match l1.reserve(key, bytes) {
             Ok(Reservation::Write(ticket)) => {
-                let (read, done) = TierRead::new(key, ticket);
-                tier.read(read);
+                let (read, done) = TierRead::new(key, namespace, ticket);
+                start(read);
                 async move { read_back(done.await).map(ScatterSource::Promoted) }.boxed()
             }
             Ok(Reservation::AlreadyPresent) => futures::future::ready(l1.read(&key).map(ScatterSource::L1)).boxed(),
             // The copy kernel reads only pinned memory: no buffer for CUDA.
             _ if matches!(self.memory, OpenedMemory::Cuda(_)) => futures::future::ready(None).boxed(),
             _ => {
-                let (read, done) = TierRead::new(key, Buffer::zeroed(bytes as usize));
-                tier.read(read);
+                let (read, done) = TierRead::new(key, namespace, Buffer::zeroed(bytes as usize));
+                start(read);
                 async move { read_back(done.await).map(ScatterSource::Buffer) }.boxed()
             }
         }
     }
 }
+
+/// The part of a retrieve's remaining time remote reads may use; the rest is
+/// for the copy.
+const REMOTE_READ_SHARE: (u32, u32) = (3, 4);
 
 impl Actor for InstanceActor {
     type Context = Context<Self>;
@@ -209,7 +229,7 @@ impl Handler<StoreChunks> for InstanceActor {
         })();
         let (lane, data) = (self.lane.clone(), self.data.clone());
         let keys: Vec<ObjectKey> = msg.chunks.iter().map(|&h| self.object_key(h)).collect();
-        let (model_name, world_size) = (self.model_name.clone(), self.world_size);
+        let namespace = self.namespace.clone();
         Box::pin(async move {
             let job = prepared?;
             if job.tickets.iter().all(Option::is_none) {
@@ -217,12 +237,12 @@ impl Handler<StoreChunks> for InstanceActor {
             }
             let (outcomes, bytes) = lane.send(job).await.map_err(lane_gone)??;
             Counters::add(&data.counters.bytes_stored, bytes);
-            if let Some(tier) = &data.lower_tier {
-                // Write behind: the store's reply does not wait for the tier.
+            // Write behind: the store's reply does not wait for any tier.
+            for tier in data.tiers.all() {
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
                     if let Some(object) = data.l1.read(key) {
                         let object = Box::new(object);
-                        tier.write_behind(WriteBehind { key: *key, model: model_name.clone(), world_size, object });
+                        tier.write_behind(WriteBehind { key: *key, namespace: namespace.clone(), object });
                     }
                 }
             }
@@ -237,7 +257,14 @@ impl Handler<RetrieveChunks> for InstanceActor {
     fn handle(&mut self, msg: RetrieveChunks, _: &mut Self::Context) -> Self::Result {
         let prepared = self.validate(&msg.chunks, &msg.block_ids).map(|blocks| {
             let bytes = self.layout.chunk_object_bytes(blocks.blocks_per_chunk());
-            let sources: Vec<_> = msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes)).collect();
+            let mut remote_reads = Vec::new();
+            let sources: Vec<_> =
+                msg.chunks.iter().map(|&h| self.source(self.object_key(h), bytes, &mut remote_reads)).collect();
+            if let (Some(remote), false) = (&self.data.tiers.remote, remote_reads.is_empty()) {
+                let now = std::time::Instant::now();
+                let left = msg.deadline.saturating_duration_since(now);
+                remote.read_many(remote_reads, now + left * REMOTE_READ_SHARE.0 / REMOTE_READ_SHARE.1);
+            }
             (blocks, sources)
         });
         let (layout, memory, gate) = (self.layout, self.memory.clone(), msg.gate);

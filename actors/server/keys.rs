@@ -18,3 +18,57 @@ pub struct ObjectKey {
     pub rank: u32,
     pub hash: ChunkHash,
 }
+
+/// What names a chunk object beyond this process: the model's name and
+/// world size, and the fingerprint of its chunk objects' byte format. A tier
+/// shared by several coordinators (the remote tier) keys objects by it with
+/// the rank and chunk hash (`remote_format::object_key`), so different
+/// models, TP degrees or layouts never collide.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectNamespace {
+    pub model: std::sync::Arc<str>,
+    pub world_size: u32,
+    pub layout: LayoutFingerprint,
+}
+
+/// The fingerprint of a chunk object's byte format: what decides the bytes
+/// of `[layer][run][block-in-chunk]` (layers, tokens per block and per
+/// chunk, what a token holds, dtype, the normalized runs of a block), never
+/// where the memory lies (block count, strides, offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayoutFingerprint(pub [u8; 16]);
+
+impl LayoutFingerprint {
+    pub fn of(layout: &kvcoord_memory::KvLayout, chunk_tokens: u32) -> Self {
+        let l = layout.normalized();
+        let mut h = blake3::Hasher::new();
+        h.update(b"kvcoord chunk object format 1");
+        for v in [l.num_layers, l.block_tokens, chunk_tokens, l.placement.runs_per_block] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&l.placement.run_bytes.to_le_bytes());
+        h.update(format!("{:?}|{:?}", l.shape, l.dtype).as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        LayoutFingerprint(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvcoord_memory::{Dtype, KvLayout};
+
+    use super::LayoutFingerprint;
+
+    #[test]
+    fn the_layout_fingerprint_follows_the_object_format_not_the_memory_size() {
+        let a = KvLayout::mha(4, 256, 16, 4, 64, Dtype::Bf16);
+        let bigger = KvLayout::mha(4, 1024, 16, 4, 64, Dtype::Bf16);
+        assert_eq!(LayoutFingerprint::of(&a, 256), LayoutFingerprint::of(&bigger, 256));
+        assert_ne!(LayoutFingerprint::of(&a, 256), LayoutFingerprint::of(&a, 128), "chunk size");
+        let fp16 = KvLayout::mha(4, 256, 16, 4, 64, Dtype::F16);
+        assert_ne!(LayoutFingerprint::of(&a, 256), LayoutFingerprint::of(&fp16, 256), "dtype");
+        let heads = KvLayout::mha(4, 256, 16, 8, 32, Dtype::Bf16);
+        assert_ne!(LayoutFingerprint::of(&a, 256), LayoutFingerprint::of(&heads, 256), "shape");
+    }
+}

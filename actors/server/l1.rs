@@ -128,6 +128,23 @@ struct Index {
     models: HashMap<(String, u32), ModelId>,
 }
 
+/// What a remote tier holds of a lookup's chunks from `from` on: `held[(c -
+/// from) * world_size + rank]` for chunk `c`, as a probe answered it.
+pub struct RemoteHeld {
+    pub from: usize,
+    pub held: Vec<bool>,
+}
+
+impl RemoteHeld {
+    fn holds(&self, chunk: usize, rank: u32, world_size: u32) -> bool {
+        chunk
+            .checked_sub(self.from)
+            .and_then(|c| self.held.get(c * world_size as usize + rank as usize))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
 /// Result of asking to store one chunk.
 pub enum Reservation {
     /// Write the object through the ticket, then commit it.
@@ -191,7 +208,7 @@ pub struct L1Store {
     arena: Arena,
     index: Mutex<Index>,
     lease_ttl: Duration,
-    /// The tier below (the disk): lookups count chunks held there too.
+    /// The local tier below (the disk): lookups count chunks held there too.
     lower: std::sync::OnceLock<Arc<dyn Tier>>,
 }
 
@@ -306,7 +323,8 @@ impl L1Store {
         })
     }
 
-    /// Makes lookups see the tier below L1 too.
+    /// Makes lookups see the local tier below L1 too (a remote tier is
+    /// probed by the caller and passed to [`L1Store::lookup_with`]).
     pub fn attach_lower_tier(&self, tier: Arc<dyn Tier>) {
         let _ = self.lower.set(tier);
     }
@@ -417,15 +435,31 @@ impl L1Store {
         lease: bool,
         session: u64,
     ) -> (u32, Option<LeaseId>) {
+        self.lookup_with(model, world_size, hashes, lease, session, None)
+    }
+
+    /// [`L1Store::lookup`], also counting objects a remote tier was found to
+    /// hold (`remote`, probed before the lock was taken). Leases pin only
+    /// what is in L1: remote objects are read when retrieved.
+    pub fn lookup_with(
+        &self,
+        model: ModelId,
+        world_size: u32,
+        hashes: &[ChunkHash],
+        lease: bool,
+        session: u64,
+        remote: Option<&RemoteHeld>,
+    ) -> (u32, Option<LeaseId>) {
         let mut ix = self.index.lock();
         let mut found = 0usize;
         let lower = self.lower.get();
-        'chunks: for &hash in hashes {
+        'chunks: for (c, &hash) in hashes.iter().enumerate() {
             for rank in 0..world_size {
                 let key = ObjectKey { model, rank, hash };
                 match ix.find(&key) {
                     Some(i) if ix.slots.get(i).state == SlotState::Ready => ix.touch(i),
                     _ if lower.is_some_and(|t| t.contains(&key)) => {}
+                    _ if remote.is_some_and(|r| r.holds(c, rank, world_size)) => {}
                     _ => break 'chunks,
                 }
             }
@@ -629,6 +663,10 @@ mod tests {
         store(&l1, key(&l1, 1, 3));
         let hashes: Vec<_> = [1, 2, 3].map(|n| ChunkHash([n; 32])).to_vec();
         assert_eq!(l1.lookup(m, 2, &hashes, false, 0).0, 1, "chunk 2 lacks rank 1, so chunk 3 does not count");
+        let remote = RemoteHeld { from: 1, held: vec![false, true, false, false] };
+        assert_eq!(l1.lookup_with(m, 2, &hashes, false, 0, Some(&remote)).0, 3, "the remote holds chunk 2's rank 1");
+        let remote = RemoteHeld { from: 1, held: vec![true, false, true, true] };
+        assert_eq!(l1.lookup_with(m, 2, &hashes, false, 0, Some(&remote)).0, 1, "nobody holds chunk 2's rank 1");
     }
 
     #[test]

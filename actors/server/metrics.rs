@@ -28,6 +28,31 @@ struct OpLabels {
     op: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// What the remote tier records itself as it works: the time of each call to
+/// the remote by operation (probe, read, write), and errors by kind
+/// (timeout, connection, server, corrupt, truncated, foreign). Cheap to
+/// clone; every clone records into the same registry.
+#[derive(Clone)]
+pub struct RemoteInstruments {
+    latency: Family<OpLabels, Histogram, fn() -> Histogram>,
+    errors: Family<KindLabels, Counter>,
+}
+
+impl RemoteInstruments {
+    pub fn observe(&self, op: &'static str, took: Duration) {
+        self.latency.get_or_create(&OpLabels { op }).observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&KindLabels { kind }).inc();
+    }
+}
+
 /// Reads one figure out of the stats.
 type Read = fn(&ServerStats) -> u64;
 /// A metric's name, help text and where its value comes from.
@@ -42,6 +67,7 @@ pub struct Metrics {
     latency: Family<OpLabels, Histogram, fn() -> Histogram>,
     mirrors: Vec<Mirror>,
     levels: Vec<Level>,
+    remote: RemoteInstruments,
 }
 
 fn latency_histogram() -> Histogram {
@@ -65,7 +91,19 @@ impl Metrics {
                 ("backend", backend.to_string()),
             ]),
         );
-        let mirror_defs: [Def; 15] = [
+        let remote =
+            RemoteInstruments { latency: Family::new_with_constructor(latency_histogram), errors: Family::default() };
+        registry.register(
+            "remote_call_duration_seconds",
+            "Time of each call to the remote tier, by operation (probe, read, write)",
+            remote.latency.clone(),
+        );
+        registry.register(
+            "remote_errors",
+            "Remote tier errors by kind (timeout, connection, server; corrupt, truncated, foreign values)",
+            remote.errors.clone(),
+        );
+        let mirror_defs: [Def; 23] = [
             ("bytes_stored", "Bytes copied into L1 by stores", |s| s.bytes_stored),
             ("bytes_retrieved", "Bytes copied out of L1 by retrieves", |s| s.bytes_retrieved),
             ("evictions", "L1 objects evicted to make room", |s| s.evictions),
@@ -85,6 +123,20 @@ impl Metrics {
             ("disk_write_errors", "Disk tier writes that failed (disk full, I/O error)", |s| s.disk_write_errors),
             ("disk_corrupt", "Disk objects found torn or corrupt and dropped", |s| s.disk_corrupt),
             ("disk_skipped", "Objects not written because the write-behind queue was full", |s| s.disk_skipped),
+            ("remote_hits", "Remote tier keys asked for (probed or read) and found", |s| s.remote_hits),
+            ("remote_misses", "Remote tier keys asked for and not found, refused, or not answered", |s| {
+                s.remote_misses
+            }),
+            ("remote_bytes_in", "Bytes read from the remote tier", |s| s.remote_bytes_in),
+            ("remote_bytes_out", "Bytes written to the remote tier", |s| s.remote_bytes_out),
+            ("remote_writes", "Objects written to the remote tier", |s| s.remote_writes),
+            ("remote_dropped_writes", "Pending remote writes dropped (oldest first) because the queue was full", |s| {
+                s.remote_dropped_writes
+            }),
+            ("remote_rejected", "Remote values refused (corrupt, truncated, foreign) and treated as misses", |s| {
+                s.remote_rejected
+            }),
+            ("remote_failed_calls", "Calls to the remote tier that failed (all kinds)", |s| s.remote_failed_calls),
         ];
         let mirrors = mirror_defs
             .into_iter()
@@ -94,7 +146,7 @@ impl Metrics {
                 (c, get)
             })
             .collect();
-        let level_defs: [Def; 14] = [
+        let level_defs: [Def; 17] = [
             ("l1_used_bytes", "L1 bytes held by objects", |s| s.l1_used),
             ("l1_capacity_bytes", "L1 capacity", |s| s.l1_capacity),
             ("l1_slab_bytes", "L1 memory taken from the system", |s| s.l1_slab_bytes),
@@ -109,6 +161,9 @@ impl Metrics {
             ("disk_used_bytes", "Disk tier bytes used", |s| s.disk_used),
             ("disk_objects", "Objects on the disk tier", |s| s.disk_objects),
             ("disk_backlog_bytes", "Bytes waiting to be written behind", |s| s.disk_backlog),
+            ("remote_up", "1 when the remote tier answers, 0 when it is down (or not configured)", |s| s.remote_up),
+            ("remote_queue_depth", "Objects waiting to be written to the remote tier", |s| s.remote_queue_depth),
+            ("remote_queue_bytes", "Bytes waiting to be written to the remote tier", |s| s.remote_queue_bytes),
         ];
         let levels = level_defs
             .into_iter()
@@ -118,7 +173,12 @@ impl Metrics {
                 (g, get)
             })
             .collect();
-        Metrics { registry, requests, latency, mirrors, levels }
+        Metrics { registry, requests, latency, mirrors, levels, remote }
+    }
+
+    /// What the remote tier records into this registry.
+    pub fn remote_instruments(&self) -> RemoteInstruments {
+        self.remote.clone()
     }
 
     /// Counts one finished request.

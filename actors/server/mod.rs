@@ -1,13 +1,13 @@
 //! The coordinator: starting the actor system's server side inside an actix
 //! `System` (the standalone binary and embedding applications use the same
 //! entry point), accepting connections, and shutting down gracefully. This
-//! file is the only one that names a concrete tier (the disk); it must never
-//! serve a request itself.
+//! file is the only one that names the concrete tiers (the disk, the remote
+//! tier); it must never serve a request itself.
 //!
 //! ```text
 //!   clients ──frames──> Session (one per connection) ──┬─> L1Store (lookups, leases: shared state)
 //!                                                      ├─> InstanceActor (one per TP rank) ──> CopyLane (own thread)
-//!                                                      │        └─> Tier (disk reads, on the tier's threads)
+//!                                                      │        └─> Tiers (disk, remote: reads on their own threads)
 //!                                                      └─> Supervisor (registry, epoch, child lifetimes)
 //! ```
 //!
@@ -21,7 +21,10 @@
 //! - `instance.rs`: one actor per registered TP rank; prepares copies.
 //! - `copy_lane.rs`: the actor that copies (a host lane, or a device's GPU worker).
 //! - `l1.rs`: the L1 index, eviction, leases; `keys.rs`: object keys.
-//! - `tier.rs`: the interface of a tier below L1; `disk.rs`: the disk tier.
+//! - `tier.rs`: the interface of a tier below L1; `disk.rs`: the disk tier;
+//!   `remote.rs`: the shared remote tier on Redis/Valkey (`remote_format.rs`:
+//!   its keys and values; `write_queue.rs`: its drop-oldest write queue);
+//!   `lookup.rs`: a lookup falling through L1, disk and remote.
 //! - `state.rs`: what every actor reads (config, L1, routes); `counters.rs`,
 //!   `metrics.rs`: counts and Prometheus; `admin.rs`: the admin HTTP API.
 //! - `logsafe.rs`: client text escaped for logs, rate-limited warnings.
@@ -39,7 +42,10 @@ pub mod instance;
 pub mod keys;
 pub mod l1;
 pub mod logsafe;
+pub mod lookup;
 pub mod metrics;
+pub mod remote;
+pub mod remote_format;
 pub mod requests;
 pub mod routing;
 pub mod session;
@@ -47,6 +53,7 @@ pub mod state;
 pub mod supervision;
 pub mod supervisor;
 pub mod tier;
+pub mod write_queue;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -71,7 +78,7 @@ use logsafe::{RateLimit, Sanitized};
 use session::Session;
 use state::{ConnectionSlot, ServerShared};
 use supervisor::{GetStats, Supervisor};
-use tier::Tier;
+use tier::{Tier, Tiers};
 
 /// Why a coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +183,7 @@ impl Coordinator {
         let l1 = L1Store::new(arena, Duration::from_millis(config.lease_ttl_ms));
         // The disk index is rebuilt before anything is served. This is the
         // only place that names the concrete tier: the rest knows a `Tier`.
-        let lower_tier: Option<Arc<dyn Tier>> = match &config.disk_dir {
+        let local: Option<Arc<dyn Tier>> = match &config.disk_dir {
             Some(dir) => {
                 let model_id = |model: &str, world_size| l1.model_id(model, world_size);
                 let tier = disk::DiskTier::open(dir, config.disk_size.as_u64(), l1.usage().capacity, &model_id)
@@ -184,6 +191,16 @@ impl Coordinator {
                 l1.attach_lower_tier(tier.clone());
                 Some(tier)
             }
+            None => None,
+        };
+        let metrics = metrics::Metrics::new(epoch, backend);
+        // The remote tier starts whether or not the remote answers yet: it
+        // is down until it does, and the coordinator serves from L1 and disk.
+        let remote: Option<Arc<dyn Tier>> = match remote_settings(&config, l1.usage().capacity) {
+            Some(settings) => Some(
+                remote::RemoteTier::open(settings, metrics.remote_instruments())
+                    .map_err(|e| StartError::Backend(e.to_string()))?,
+            ),
             None => None,
         };
         let unix = Endpoint::Unix(config.socket.clone());
@@ -203,10 +220,10 @@ impl Coordinator {
         }
         let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
         let shared = Arc::new(ServerShared {
-            metrics: metrics::Metrics::new(epoch, backend),
+            metrics,
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             admin: std::sync::OnceLock::new(),
-            lower_tier,
+            tiers: Tiers { local, remote },
             epoch,
             config,
             backend,
@@ -279,6 +296,28 @@ impl Coordinator {
         tracing::info!(unfinished = left, "shutdown complete");
         left
     }
+}
+
+/// The remote tier's settings, when one is configured. Its write queue holds
+/// L1 memory (a read guard per object): a quarter of L1 at most.
+fn remote_settings(config: &ServerConfig, l1_capacity: u64) -> Option<remote::RemoteSettings> {
+    let (target, shown_as) = match (&config.remote, config.remote_cluster.as_slice()) {
+        (Some(url), _) => (remote::RemoteTarget::Standalone(url.clone()), crate::config::redact_url(url)),
+        (None, []) => return None,
+        (None, nodes) => (
+            remote::RemoteTarget::Cluster(nodes.to_vec()),
+            nodes.iter().map(|u| crate::config::redact_url(u)).collect::<Vec<_>>().join(","),
+        ),
+    };
+    Some(remote::RemoteSettings {
+        target,
+        timeout: Duration::from_millis(config.remote_timeout_ms),
+        key_prefix: config.remote_key_prefix.clone(),
+        queue_items: 16_384,
+        queue_bytes: config.remote_queue_size.as_u64().min(l1_capacity / 4).max(1 << 20),
+        writers: config.remote_writers as usize,
+        shown_as,
+    })
 }
 
 /// A group name (from `/etc/group`) or numeric id.

@@ -3,7 +3,8 @@
 //! request's one reply.
 //!
 //! Lookups, lease releases, clear and ping are answered here from shared
-//! state, never queued behind copies. Stores and retrieves go to the
+//! state, never queued behind copies (a lookup that misses L1 and disk asks
+//! the remote tier too, within its deadline: `lookup.rs`). Stores and retrieves go to the
 //! instance's actor and are bounded by their deadline through a [`JobGate`]:
 //! a copy that has not started by the deadline never starts (reply
 //! `Timeout`); one that has started is waited for, so a client told
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use super::copy_lane::JobGate;
 use super::counters::Counters;
 use super::instance::{self, InstanceActor};
+use super::lookup::Lookup;
 use super::state::{InstanceRoute, ServerShared};
 use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 
@@ -122,13 +124,25 @@ pub async fn serve(
                 lease: s.lease,
                 done_event: s.done_event,
                 gate: gate.clone(),
+                deadline: deadline.into_std(),
             };
             copy_at(r.addr, msg, gate, deadline).await
         }
         RequestBody::Lookup(l) => {
             check_chunks(shared, l.chunks.len())?;
             let r = route(shared, &l.instance)?;
-            let (found, lease) = shared.l1.lookup(r.model, r.world_size, &l.chunks, l.lease, session);
+            let (found, lease) = Lookup {
+                l1: &shared.l1,
+                remote: shared.tiers.remote.as_ref().map(|t| (t, r.namespace.clone())),
+                model: r.model,
+                world_size: r.world_size,
+                hashes: &l.chunks,
+                lease: l.lease,
+                session,
+                deadline: deadline.into_std(),
+            }
+            .run()
+            .await;
             let c = &shared.counters;
             Counters::add(&c.lookups, 1);
             Counters::add(&c.lookup_asked_chunks, l.chunks.len() as u64);
@@ -141,7 +155,23 @@ pub async fn serve(
             // finds nothing and leaves no trace.
             check_chunks(shared, l.chunks.len())?;
             let (found, lease) = match shared.l1.find_model(&l.model, l.world_size) {
-                Some(model) => shared.l1.lookup(model, l.world_size, &l.chunks, l.lease, session),
+                Some(model) => {
+                    // The remote keys need a layout: that of a registered
+                    // instance of the model (none: L1 and disk only).
+                    let remote = shared.tiers.remote.as_ref().zip(shared.namespace_of(model, l.world_size));
+                    Lookup {
+                        l1: &shared.l1,
+                        remote,
+                        model,
+                        world_size: l.world_size,
+                        hashes: &l.chunks,
+                        lease: l.lease,
+                        session,
+                        deadline: deadline.into_std(),
+                    }
+                    .run()
+                    .await
+                }
                 None => (0, None),
             };
             let c = &shared.counters;

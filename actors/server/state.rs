@@ -16,10 +16,10 @@ use kvcoord_transport::{InstanceKey, ServerEpoch};
 
 use super::counters::Counters;
 use super::instance::InstanceActor;
-use super::keys::ModelId;
+use super::keys::{ModelId, ObjectNamespace};
 use super::l1::L1Store;
 use super::metrics::Metrics;
-use super::tier::Tier;
+use super::tier::Tiers;
 use crate::config::ServerConfig;
 
 /// Where requests for one registered instance go.
@@ -29,6 +29,8 @@ pub struct InstanceRoute {
     pub model: ModelId,
     pub world_size: u32,
     pub rank: u32,
+    /// What names its objects beyond this process (remote lookups).
+    pub namespace: Arc<ObjectNamespace>,
     /// Milliseconds after server start of the instance's last request.
     pub last_seen: Arc<AtomicU64>,
 }
@@ -63,14 +65,20 @@ pub struct ServerShared {
     pub endpoints: Vec<String>,
     /// Where the admin HTTP API listens, once it does.
     pub admin: OnceLock<String>,
-    /// The tier below L1 (the disk tier), if configured.
-    pub lower_tier: Option<Arc<dyn Tier>>,
+    /// The tiers below L1 (disk, remote), as configured.
+    pub tiers: Tiers,
 }
 
 impl ServerShared {
     /// The route of `key`, cloned out so no map reference is held.
     pub fn route(&self, key: &InstanceKey) -> Option<InstanceRoute> {
         self.routes.get(key).map(|r| r.value().clone())
+    }
+
+    /// The namespace of a registered instance of (model, world size), for
+    /// lookups by model name from processes that registered nothing.
+    pub fn namespace_of(&self, model: ModelId, world_size: u32) -> Option<Arc<ObjectNamespace>> {
+        self.routes.iter().find(|r| r.model == model && r.world_size == world_size).map(|r| r.namespace.clone())
     }
 
     pub fn is_shutting_down(&self) -> bool {

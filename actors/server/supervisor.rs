@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use kvcoord_transport::{
-    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, ReplyBody, ServerStats, StatusReport,
-    WireError,
+    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, RemoteStatus, ReplyBody, ServerStats,
+    StatusReport, WireError,
 };
 
 use kvcoord_memory::cuda::CudaDevice;
@@ -31,11 +31,11 @@ use kvcoord_memory::MemoryHandle;
 use super::copy_lane::{CopyLane, Crash, MemoryIdentity, OpenMemory};
 use super::counters::Counters;
 use super::instance::{CrashInstance, DataPath, InstanceActor, Retire};
-use super::keys::ModelId;
+use super::keys::{LayoutFingerprint, ModelId, ObjectNamespace};
 use super::routing::{route, LaneKind};
 use super::state::{InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
-use super::tier::Tier;
+use super::tier::{Tier, Tiers};
 
 struct Lane {
     addr: Addr<CopyLane>,
@@ -257,17 +257,22 @@ impl Handler<Register> for Supervisor {
                         act.drop_instance(&key, "registered again with new memory");
                     }
                     let model: ModelId = act.shared.l1.model_id(&r.model, r.world_size);
+                    let namespace = Arc::new(ObjectNamespace {
+                        model: Arc::from(r.model.as_str()),
+                        world_size: r.world_size,
+                        layout: LayoutFingerprint::of(&r.layout, act.shared.config.chunk_tokens),
+                    });
                     let generation = act.generation();
                     let actor = InstanceActor::new(
                         key,
-                        (model, Arc::from(r.model.as_str()), r.world_size),
+                        (model, namespace.clone()),
                         r.layout,
                         act.shared.config.chunk_tokens,
                         memory,
                         act.lanes[lane].addr.clone(),
                         DataPath {
                             l1: act.shared.l1.clone(),
-                            lower_tier: act.shared.lower_tier.clone(),
+                            tiers: act.shared.tiers.clone(),
                             counters: act.shared.counters.clone(),
                         },
                         ctx.address().recipient(),
@@ -281,6 +286,7 @@ impl Handler<Register> for Supervisor {
                         model,
                         world_size: r.world_size,
                         rank: key.rank,
+                        namespace,
                         last_seen: last_seen.clone(),
                     };
                     act.shared.routes.insert(key, route);
@@ -415,9 +421,10 @@ impl Handler<InjectFault> for Supervisor {
     }
 }
 
-/// The tier below L1's figures (the `disk_*` fields of the stats).
-fn tier_stats(tier: Option<&dyn Tier>) -> ServerStats {
-    let Some(s) = tier.map(Tier::stats) else { return ServerStats::default() };
+/// The tiers' figures (the `disk_*` and `remote_*` fields of the stats).
+fn tier_stats(tiers: &Tiers) -> ServerStats {
+    let remote = remote_stats(tiers.remote.as_deref());
+    let Some(s) = tiers.local.as_deref().map(Tier::stats) else { return remote };
     ServerStats {
         disk_capacity: s.capacity,
         disk_used: s.used,
@@ -429,6 +436,24 @@ fn tier_stats(tier: Option<&dyn Tier>) -> ServerStats {
         disk_corrupt: s.corrupt,
         disk_recovered: s.recovered,
         disk_skipped: s.skipped,
+        ..remote
+    }
+}
+
+fn remote_stats(tier: Option<&dyn Tier>) -> ServerStats {
+    let Some(s) = tier.map(Tier::stats) else { return ServerStats::default() };
+    ServerStats {
+        remote_up: u64::from(s.up),
+        remote_hits: s.hits,
+        remote_misses: s.misses,
+        remote_bytes_in: s.bytes_in,
+        remote_bytes_out: s.bytes_out,
+        remote_writes: s.writes,
+        remote_dropped_writes: s.skipped,
+        remote_queue_depth: s.queued,
+        remote_queue_bytes: s.backlog,
+        remote_rejected: s.corrupt,
+        remote_failed_calls: s.errors,
         ..ServerStats::default()
     }
 }
@@ -472,6 +497,12 @@ impl Handler<GetStatus> for Supervisor {
             admin: self.shared.admin.get().cloned(),
             instances,
             stats,
+            remote: self.shared.tiers.remote.as_ref().and_then(|t| t.health()).map(|h| RemoteStatus {
+                endpoint: h.endpoint,
+                up: h.up,
+                since_ms: h.since.elapsed().as_millis() as u64,
+                last_error: h.last_error,
+            }),
         })
     }
 }
@@ -509,7 +540,7 @@ impl Handler<GetStats> for Supervisor {
             connections: Counters::get(&c.connections),
             actor_restarts: Counters::get(&c.actor_restarts),
             reclaimed_instances: Counters::get(&c.reclaimed_instances),
-            ..tier_stats(s.lower_tier.as_deref())
+            ..tier_stats(&s.tiers)
         })
     }
 }

@@ -1,6 +1,6 @@
-//! The interface of a tier below L1 (today the local disk, `disk.rs`; next a
-//! remote store such as Redis): what L1, the instance actors and the
-//! supervisor may ask of it, and the values that cross it.
+//! The interface of a tier below L1 (the local disk, `disk.rs`; the shared
+//! remote tier on Redis/Valkey, `remote.rs`): what L1, the instance actors
+//! and the supervisor may ask of it, and the values that cross it.
 //!
 //! Everything above L1 knows a tier only as `Arc<dyn Tier>`; only the
 //! coordinator's start (`mod.rs`) names a concrete tier. This module owns the
@@ -12,13 +12,21 @@
 //! one-shot receiver, [`Tier::read`] hands the read to the tier's own threads
 //! (never the caller's, never a copy lane), and the receiver gets the bytes
 //! back with the outcome. A read the tier drops unanswered reads as failed.
+//!
+//! Two kinds of tier, told apart by [`Tiers`]: a *local* tier keeps an index
+//! in this process, so [`Tier::contains`] answers at once under the L1 lock;
+//! a *remote* tier is shared with other processes, so only an asynchronous,
+//! batched [`Tier::probe`] (one round trip for a whole lookup) knows what it
+//! holds. Lookups fall through L1, then the local tier, then the remote one.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use futures::future::BoxFuture;
 use kvcoord_memory::ObjectBytes;
 use tokio::sync::oneshot;
 
-use super::keys::ObjectKey;
+use super::keys::{ObjectKey, ObjectNamespace};
 
 /// Bytes that stay alive and unwritten until dropped: a committed L1
 /// object's read guard, as the write-behind path hands it to a tier.
@@ -27,10 +35,9 @@ pub type HeldObject = Box<dyn ObjectBytes + Send + Sync>;
 /// One committed object to copy into the tier behind the store path.
 pub struct WriteBehind {
     pub key: ObjectKey,
-    /// The model's name and world size (the key's `ModelId` is only
+    /// The model's name, world size and layout (the key's `ModelId` is only
     /// meaningful inside this process).
-    pub model: Arc<str>,
-    pub world_size: u32,
+    pub namespace: Arc<ObjectNamespace>,
     pub object: HeldObject,
 }
 
@@ -41,6 +48,9 @@ pub enum TierReadError {
     Missing,
     #[error("corrupt object {0} dropped")]
     Corrupt(String),
+    /// The tier could not answer in time (remote down, slow, partitioned).
+    #[error("tier unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A tier's figures, for stats and metrics.
@@ -62,6 +72,29 @@ pub struct TierStats {
     /// Objects not written because the write-behind queue was full.
     pub skipped: u64,
     pub evictions: u64,
+    /// Objects asked for (probed or read) and not found (remote tier).
+    pub misses: u64,
+    /// Bytes read from and written to the tier (remote tier).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Calls that failed (timeouts, connection errors, error replies).
+    pub errors: u64,
+    /// Objects waiting to be written behind.
+    pub queued: u64,
+    /// Whether the tier answers now (a local tier always does).
+    pub up: bool,
+}
+
+/// How a remote tier is doing, for `/status` and `kvcoord status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierHealth {
+    /// Where it is, with any password redacted.
+    pub endpoint: String,
+    pub up: bool,
+    /// When it last went up or down.
+    pub since: Instant,
+    /// The last error seen, if any.
+    pub last_error: Option<String>,
 }
 
 /// Bytes a tier may write into: `len()` bytes at `as_ptr()` that nothing
@@ -99,6 +132,7 @@ impl<D: Exclusive> PendingRead for Pending<D> {
 /// One object to read from a tier into bytes nothing else touches.
 pub struct TierRead {
     key: ObjectKey,
+    namespace: Arc<ObjectNamespace>,
     pending: Box<dyn PendingRead>,
 }
 
@@ -107,13 +141,17 @@ pub type ReadDone<D> = oneshot::Receiver<(D, Result<(), TierReadError>)>;
 
 impl TierRead {
     /// A read of `key` into `into` (exactly the object's length).
-    pub fn new<D: Exclusive>(key: ObjectKey, into: D) -> (TierRead, ReadDone<D>) {
+    pub fn new<D: Exclusive>(key: ObjectKey, namespace: Arc<ObjectNamespace>, into: D) -> (TierRead, ReadDone<D>) {
         let (done, rx) = oneshot::channel();
-        (TierRead { key, pending: Box::new(Pending { into, done }) }, rx)
+        (TierRead { key, namespace, pending: Box::new(Pending { into, done }) }, rx)
     }
 
     pub fn key(&self) -> &ObjectKey {
         &self.key
+    }
+
+    pub fn namespace(&self) -> &Arc<ObjectNamespace> {
+        &self.namespace
     }
 
     /// The bytes to fill: exclusive to this read until [`TierRead::finish`].
@@ -136,19 +174,67 @@ pub trait Tier: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Whether the tier holds `key`. Called under the L1 lock by lookups:
-    /// must be a quick in-memory check.
+    /// must be a quick in-memory check. A remote tier answers `false`: only
+    /// [`Tier::probe`] can know.
     fn contains(&self, key: &ObjectKey) -> bool;
+
+    /// Which of `keys` (all of `namespace`) the tier holds, in order, asked
+    /// in one batch (one round trip for a remote tier). Resolves by
+    /// `deadline` at the latest: what is not known by then counts as not
+    /// held. Never blocks the caller.
+    fn probe(
+        &self,
+        namespace: &Arc<ObjectNamespace>,
+        keys: &[ObjectKey],
+        deadline: Instant,
+    ) -> BoxFuture<'static, Vec<bool>> {
+        let _ = (namespace, deadline);
+        let held = keys.iter().map(|k| self.contains(k)).collect();
+        Box::pin(futures::future::ready(held))
+    }
 
     /// Reads an object on the tier's own threads, verifying it (a corrupt
     /// object is dropped and never returned), and finishes `read` there.
     /// Never blocks the caller.
     fn read(&self, read: TierRead);
 
+    /// Reads several objects as one batch (one round trip for a remote
+    /// tier), each finished as by [`Tier::read`]; a read not done by
+    /// `deadline` finishes as [`TierReadError::Unavailable`].
+    fn read_many(&self, reads: Vec<TierRead>, deadline: Instant) {
+        let _ = deadline;
+        for read in reads {
+            self.read(read);
+        }
+    }
+
     /// Queues a committed object to be written behind; never blocks. Returns
     /// whether it was queued.
     fn write_behind(&self, job: WriteBehind) -> bool;
 
     fn stats(&self) -> TierStats;
+
+    /// Reachability, for a tier that can be unreachable (remote).
+    fn health(&self) -> Option<TierHealth> {
+        None
+    }
+}
+
+/// The tiers below L1, in fall-through order: a local one (the disk), then
+/// a remote one shared with other coordinators.
+#[derive(Clone, Default)]
+pub struct Tiers {
+    /// Answers [`Tier::contains`] from an index in this process.
+    pub local: Option<Arc<dyn Tier>>,
+    /// Answers only [`Tier::probe`]; may be down.
+    pub remote: Option<Arc<dyn Tier>>,
+}
+
+impl Tiers {
+    /// Every tier a stored object is written behind to.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Tier>> {
+        self.local.iter().chain(self.remote.iter())
+    }
 }
 
 /// Owned bytes to read a tier object into when L1 has no room for it.

@@ -1,6 +1,8 @@
 //! Helpers for integration tests: a real `kvcoord serve` process and clients.
 #![allow(dead_code)]
 
+pub mod redis_fixture;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

@@ -12,7 +12,9 @@ use crate::chunk_hash::ChunkHash;
 use crate::error::WireError;
 
 /// Bumped on any incompatible change to any frame. 3: a layout carries its
-/// placement in the registered memory (`kvcoord_memory::Placement`).
+/// placement in the registered memory (`kvcoord_memory::Placement`). 4: the
+/// remote tier's figures in `ServerStats` and its health in `StatusReport`;
+/// a retrieve's `done_event`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random value chosen at every server start. A client that sees a new
@@ -291,6 +293,22 @@ pub struct ServerStats {
     pub disk_recovered: u64,
     /// Objects not written because the write-behind queue was full.
     pub disk_skipped: u64,
+    /// Remote tier (all zero when it is off): 1 when it answers.
+    pub remote_up: u64,
+    /// Keys asked of it (probed or read) found, and not found or unanswered.
+    pub remote_hits: u64,
+    pub remote_misses: u64,
+    pub remote_bytes_in: u64,
+    pub remote_bytes_out: u64,
+    pub remote_writes: u64,
+    /// Pending writes dropped, oldest first, because the queue was full.
+    pub remote_dropped_writes: u64,
+    pub remote_queue_depth: u64,
+    pub remote_queue_bytes: u64,
+    /// Values refused (corrupt, truncated, foreign): misses, never served.
+    pub remote_rejected: u64,
+    /// Calls that failed (timeouts, connection errors, error replies).
+    pub remote_failed_calls: u64,
 }
 
 /// What a successful request returns.
@@ -352,4 +370,17 @@ pub struct StatusReport {
     pub admin: Option<String>,
     pub instances: Vec<InstanceStatus>,
     pub stats: ServerStats,
+    /// The remote tier's health, when one is configured.
+    pub remote: Option<RemoteStatus>,
+}
+
+/// The remote tier as an operator sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RemoteStatus {
+    /// Its URL(s), passwords redacted.
+    pub endpoint: String,
+    pub up: bool,
+    /// Milliseconds since it last went up or down.
+    pub since_ms: u64,
+    pub last_error: Option<String>,
 }

@@ -157,7 +157,13 @@ fn reply_result() -> impl Strategy<Value = Result<ReplyBody, WireError>> {
                     orphaned: false,
                     idle_ms: 3,
                 }],
-                stats: ServerStats::default(),
+                stats: ServerStats { remote_up: 1, remote_hits: engine, ..Default::default() },
+                remote: Some(RemoteStatus {
+                    endpoint: "redis://127.0.0.1:6379".into(),
+                    up: true,
+                    since_ms: 7,
+                    last_error: None,
+                }),
             }
         ))),
     ];
