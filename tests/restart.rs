@@ -211,14 +211,21 @@ async fn a_reconnect_within_the_grace_period_keeps_the_registration() {
         world_size: 1,
         layout,
         memory: kvcoord_memory::MemoryHandle::HostFd { size: layout.total_bytes() },
+        secret: None,
     });
     let fd = || vec![cache.fd().try_clone_to_owned().unwrap()];
-    conn.request(body.clone(), Duration::from_secs(5), fd()).await.unwrap();
+    let ReplyBody::Registered { secret, .. } = conn.request(body.clone(), Duration::from_secs(5), fd()).await.unwrap()
+    else {
+        panic!("not registered")
+    };
     conn.close();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let again = raw(&server).await;
-    let r = again.request(body, Duration::from_secs(5), fd()).await.unwrap();
-    assert_eq!(r, ReplyBody::Registered { already: true });
+    // The new connection takes the instance over by presenting its secret.
+    let RequestBody::Register(mut with_secret) = body else { unreachable!() };
+    with_secret.secret = Some(secret);
+    let r = again.request(RequestBody::Register(with_secret), Duration::from_secs(5), fd()).await.unwrap();
+    assert_eq!(r, ReplyBody::Registered { already: true, secret });
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let ReplyBody::Stats(s) = again.request(RequestBody::Stats, Duration::from_secs(5), vec![]).await.unwrap() else {
         panic!()

@@ -22,7 +22,8 @@ use kvcoord_transport::{
 };
 
 use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
-use super::counters::Counters;
+use super::access::TenantId;
+use super::counters::{Counters, TenantCounters};
 use super::keys::{ModelId, ObjectKey};
 use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
@@ -66,6 +67,9 @@ pub struct DataPath {
     /// The tier below L1 (the disk), if configured.
     pub lower_tier: Option<Arc<dyn Tier>>,
     pub counters: Arc<Counters>,
+    /// The tenant charged for the objects it stores (and promotes).
+    pub tenant: TenantId,
+    pub tenant_counters: Arc<TenantCounters>,
 }
 
 pub struct InstanceActor {
@@ -124,7 +128,7 @@ impl InstanceActor {
         let Some(tier) = self.data.lower_tier.as_ref().filter(|t| t.contains(&key)) else {
             return futures::future::ready(None).boxed();
         };
-        match l1.reserve(key, bytes) {
+        match l1.reserve_for(key, bytes, self.data.tenant) {
             Ok(Reservation::Write(ticket)) => {
                 let (read, done) = TierRead::new(key, ticket);
                 tier.read(read);
@@ -177,7 +181,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 let r = self
                     .data
                     .l1
-                    .reserve(self.object_key(hash), bytes)
+                    .reserve_for(self.object_key(hash), bytes, self.data.tenant)
                     .map_err(|e| WireError::new(ErrorKind::Internal, format!("L1 memory could not grow: {e}")))?;
                 match r {
                     Reservation::Write(t) => {
@@ -214,6 +218,7 @@ impl Handler<StoreChunks> for InstanceActor {
             }
             let (outcomes, bytes) = lane.send(job).await.map_err(lane_gone)??;
             Counters::add(&data.counters.bytes_stored, bytes);
+            Counters::add(&data.tenant_counters.bytes_stored, bytes);
             if let Some(tier) = &data.lower_tier {
                 // Write behind: the store's reply does not wait for the tier.
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
@@ -249,6 +254,7 @@ impl Handler<RetrieveChunks> for InstanceActor {
             } else {
                 lane.send(job).await.map_err(lane_gone)?.map(|(o, bytes)| {
                     Counters::add(&data.counters.bytes_retrieved, bytes);
+                    Counters::add(&data.tenant_counters.bytes_retrieved, bytes);
                     o
                 })
             };

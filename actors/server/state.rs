@@ -14,7 +14,8 @@ use actix::Addr;
 use dashmap::DashMap;
 use kvcoord_transport::{InstanceKey, ServerEpoch};
 
-use super::counters::Counters;
+use super::access::{AccessTable, TenantId};
+use super::counters::{Counters, TenantCounters};
 use super::instance::InstanceActor;
 use super::keys::ModelId;
 use super::l1::L1Store;
@@ -31,6 +32,10 @@ pub struct InstanceRoute {
     pub rank: u32,
     /// Milliseconds after server start of the instance's last request.
     pub last_seen: Arc<AtomicU64>,
+    /// The session that owns it now (the supervisor moves it on a re-attach).
+    pub owner: Arc<AtomicU64>,
+    /// The tenant it was registered by.
+    pub tenant: TenantId,
 }
 
 impl InstanceRoute {
@@ -65,12 +70,21 @@ pub struct ServerShared {
     pub admin: OnceLock<String>,
     /// The tier below L1 (the disk tier), if configured.
     pub lower_tier: Option<Arc<dyn Tier>>,
+    /// Tenants, tokens and who may use the socket.
+    pub access: AccessTable,
+    /// Per-tenant counters (index: tenant id).
+    pub tenant_counters: Vec<Arc<TenantCounters>>,
 }
 
 impl ServerShared {
     /// The route of `key`, cloned out so no map reference is held.
     pub fn route(&self, key: &InstanceKey) -> Option<InstanceRoute> {
         self.routes.get(key).map(|r| r.value().clone())
+    }
+
+    /// `tenant`'s counters.
+    pub fn tenant_counters(&self, tenant: TenantId) -> &Arc<TenantCounters> {
+        &self.tenant_counters[tenant.0 as usize]
     }
 
     pub fn is_shutting_down(&self) -> bool {
