@@ -153,6 +153,16 @@ impl AccessTable {
         found
     }
 
+    /// Whether any admin token is configured.
+    pub fn has_admin(&self) -> bool {
+        self.tokens.iter().any(|(_, g)| matches!(g, Grants::Admin))
+    }
+
+    /// Whether `token` is the admin token (constant time).
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        matches!(self.grants(token), Some(Grants::Admin))
+    }
+
     /// Decides who the peer of a hello is, or why it may not connect.
     pub fn admit(&self, hello: &Hello, transport: Transport) -> Result<Principal, WireError> {
         let refuse = |msg: String| Err(WireError::new(ErrorKind::Unauthorized, msg));

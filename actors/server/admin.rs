@@ -3,11 +3,12 @@
 //!
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: accepting and serving (503 while shutting down).
-//! - `GET /status`: JSON [`kvcoord_transport::StatusReport`].
+//! - `GET /status`: JSON [`kvcoord_transport::StatusReport`]; the instances
+//!   (keys, models, owners) only with `Authorization: Bearer <admin token>`.
 //! - `GET /metrics`: Prometheus (OpenMetrics) text.
 //! - `POST /clear`: drops every L1 object; refused unless the server was
-//!   started with `--admin-token`, and then only with
-//!   `Authorization: Bearer <token>`.
+//!   started with an admin token, and then only with
+//!   `Authorization: Bearer <token>` (compared in constant time).
 //!
 //! It must never serve the data path or change registrations.
 
@@ -40,12 +41,27 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
-async fn status(state: web::Data<AdminState>) -> HttpResponse {
+/// Whether the request carries the admin token as its bearer token
+/// (compared in constant time).
+fn is_admin(state: &AdminState, req: &HttpRequest) -> bool {
+    let given =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|t| state.shared.access.is_admin_token(t))
+}
+
+async fn status(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse {
+    let admin = is_admin(&state, &req);
     match state.supervisor.send(GetStatus).await {
-        Ok(report) => match serde_json::to_string_pretty(&report) {
+        Ok(mut report) => {
+            // Instance keys and model names only with the admin token.
+            if !admin {
+                report.hide_instances();
+            }
+            match serde_json::to_string_pretty(&report) {
             Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
-            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        },
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         Err(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor unavailable"),
     }
 }
@@ -60,12 +76,10 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn clear(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse {
-    let Some(token) = &state.shared.config.admin_token else {
-        return json_error(StatusCode::FORBIDDEN, "clear is disabled: start kvcoord with --admin-token");
-    };
-    let given =
-        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token.as_str()) {
+    if !state.shared.access.has_admin() {
+        return json_error(StatusCode::FORBIDDEN, "clear is disabled: start kvcoord with --admin-token(-file)");
+    }
+    if !is_admin(&state, &req) {
         return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let objects = state.shared.l1.clear();

@@ -521,6 +521,7 @@ impl Handler<GetStatus> for Supervisor {
             admin: self.shared.admin.get().cloned(),
             instances,
             stats,
+            instances_hidden: false,
         })
     }
 }

@@ -383,6 +383,14 @@ pub struct InstanceStatus {
     pub idle_ms: u64,
 }
 
+impl StatusReport {
+    /// Leaves the instances out (for an asker without the admin role).
+    pub fn hide_instances(&mut self) {
+        self.instances = Vec::new();
+        self.instances_hidden = true;
+    }
+}
+
 /// A running coordinator, for `kvcoord status` and the admin `/status`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {
@@ -397,4 +405,6 @@ pub struct StatusReport {
     pub admin: Option<String>,
     pub instances: Vec<InstanceStatus>,
     pub stats: ServerStats,
+    /// The instances were left out: the asker lacks the admin role.
+    pub instances_hidden: bool,
 }

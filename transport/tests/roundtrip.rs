@@ -108,6 +108,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         Just(ErrorKind::ProtocolMismatch),
         Just(ErrorKind::ShuttingDown),
         Just(ErrorKind::Internal),
+        Just(ErrorKind::PermissionDenied),
     ]
 }
 
@@ -154,6 +155,7 @@ fn reply_result() -> impl Strategy<Value = Result<ReplyBody, WireError>> {
                     idle_ms: 3,
                 }],
                 stats: ServerStats::default(),
+                instances_hidden: false,
             }
         ))),
     ];
