@@ -5,7 +5,8 @@
 //! - `GET /readyz`: accepting and serving (503 while shutting down).
 //! - `GET /status`: JSON [`kvcoord_transport::StatusReport`]; the instances
 //!   (keys, models, owners) only with `Authorization: Bearer <admin token>`.
-//! - `GET /metrics`: Prometheus (OpenMetrics) text.
+//! - `GET /metrics`: Prometheus (OpenMetrics) text, with per-tenant series
+//!   (`kvcoord_tenant_*{tenant="..."}`: lookups, hits, bytes, evictions, L1 use).
 //! - `POST /clear`: drops every L1 object; refused unless the server was
 //!   started with an admin token, and then only with
 //!   `Authorization: Bearer <token>` (compared in constant time).
@@ -17,6 +18,8 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::{http::StatusCode, web, App, HttpRequest, HttpResponse, HttpServer};
 
+use super::counters::Counters;
+use super::metrics::TenantFigures;
 use super::state::ServerShared;
 use super::supervisor::{GetStats, GetStatus, Supervisor};
 
@@ -66,7 +69,33 @@ async fn status(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse 
     }
 }
 
+/// Every tenant's figures now.
+fn tenant_figures(shared: &ServerShared) -> Vec<TenantFigures> {
+    let usage = shared.l1.tenant_usage();
+    shared
+        .access
+        .tenants()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let c = &shared.tenant_counters[i];
+            let u = usage.get(i).copied().unwrap_or_default();
+            TenantFigures {
+                name: t.name.clone(),
+                lookup_asked_chunks: Counters::get(&c.lookup_asked_chunks),
+                lookup_hit_chunks: Counters::get(&c.lookup_hit_chunks),
+                bytes_stored: Counters::get(&c.bytes_stored),
+                bytes_retrieved: Counters::get(&c.bytes_retrieved),
+                evictions: u.evictions,
+                l1_used: u.used,
+                l1_quota: t.l1_quota.unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    state.shared.metrics.update_tenants(&tenant_figures(&state.shared));
     match state.supervisor.send(GetStats).await {
         Ok(stats) => HttpResponse::Ok()
             .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")

@@ -808,4 +808,55 @@ mod tests {
         assert_eq!(l1.release_session(9), 1);
         assert_eq!(l1.usage().leases, 0);
     }
+
+    #[test]
+    fn a_tenant_over_its_quota_evicts_its_own_objects_first_and_never_anothers() {
+        let l1 = L1Store::new(
+            Arena::new(16 * 4096, 16 * 4096, Box::new(kvcoord_memory::arena::HostSlabs)),
+            Duration::from_secs(10),
+        );
+        let (a, b) = (TenantId(1), TenantId(2));
+        l1.set_quotas(&[None, Some(3 * 4096), None]);
+        let m = l1.model_id("m", 1);
+        let k = |n: u8| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
+        let put = |n: u8, t: TenantId| match l1.reserve_for(k(n), 4096, t).unwrap() {
+            Reservation::Write(w) => w.commit(),
+            _ => panic!("expected room for {n}"),
+        };
+        // b's objects are the oldest in L1; a fills its quota after them.
+        for n in 1..=4 {
+            put(n, b);
+        }
+        for n in 10..=12 {
+            put(n, a);
+        }
+        put(13, a);
+        assert!(l1.read(&k(10)).is_none(), "a's own least recent object went");
+        assert!((1..=4).all(|n| l1.read(&k(n)).is_some()), "b's older objects stayed");
+        let usage = l1.tenant_usage();
+        assert_eq!((usage[1].used, usage[1].evictions), (3 * 4096, 1));
+        assert_eq!((usage[2].used, usage[2].evictions), (4 * 4096, 0));
+        // Nothing of a's evictable (all leased): no space, still nobody else's.
+        let hashes: Vec<_> = [11, 12, 13].map(|n| ChunkHash([n; 32])).to_vec();
+        let (found, _lease) = l1.lookup(m, 1, &hashes, true, (7, a));
+        assert_eq!(found, 3);
+        assert!(matches!(l1.reserve_for(k(14), 4096, a).unwrap(), Reservation::NoSpace));
+        assert!(matches!(l1.reserve_for(k(15), 8 * 4096, a).unwrap(), Reservation::NoSpace), "larger than the quota");
+        assert_eq!(l1.usage().objects, 7);
+    }
+
+    #[test]
+    fn leases_are_random_and_carry_their_tenant() {
+        let l1 = L1Store::new(Arena::host(1 << 20), Duration::from_secs(10));
+        let m = l1.model_id("m", 1);
+        store(&l1, ObjectKey { model: m, rank: 0, hash: ChunkHash([1; 32]) });
+        let (_, x) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (1, TenantId(3)));
+        let (_, y) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (1, TenantId(3)));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_ne!(x, y);
+        assert!(x.0 > u64::MAX as u128 || y.0 > u64::MAX as u128, "128 random bits (both below 2^64: p = 2^-128)");
+        assert_eq!(l1.lease_tenant(x), Some(TenantId(3)));
+        assert!(l1.release(x));
+        assert_eq!(l1.lease_tenant(x), None);
+    }
 }
