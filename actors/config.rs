@@ -365,7 +365,10 @@ impl ServerConfig {
         for t in &self.tenants {
             let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
             if !ok(&t.name) || !ok(t.namespace()) {
-                return bad("tenants", format!("tenant {:?}: names and namespaces are 1-64 printable ASCII characters", t.name));
+                return bad(
+                    "tenants",
+                    format!("tenant {:?}: names and namespaces are 1-64 printable ASCII characters", t.name),
+                );
             }
             if !names.insert(&t.name) {
                 return bad("tenants", format!("tenant name {:?} is taken (`default` is the default tenant)", t.name));
@@ -381,7 +384,8 @@ impl ServerConfig {
             if self.token_file.is_none() && self.tenants.is_empty() {
                 return bad(
                     "tcp",
-                    "a TCP listener needs a token: set token_file (or [[tenants]]); TCP clients must present one".into(),
+                    "a TCP listener needs a token: set token_file (or [[tenants]]); TCP clients must present one"
+                        .into(),
                 );
             }
             if !is_loopback(tcp) && (self.tls_cert.is_none() || self.tls_key.is_none()) {

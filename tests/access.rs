@@ -93,7 +93,11 @@ async fn every_cross_session_action_on_an_instance_is_denied_and_the_owner_is_st
     assert_eq!(kind(b.request(retrieve, T, vec![]).await), ErrorKind::PermissionDenied, "write into A's blocks");
     for lease in [true, false] {
         let lookup = RequestBody::Lookup(LookupPrefix { instance: a.key, chunks: h.clone(), lease });
-        assert_eq!(kind(b.request(lookup, T, vec![]).await), ErrorKind::PermissionDenied, "lookup on A (lease {lease})");
+        assert_eq!(
+            kind(b.request(lookup, T, vec![]).await),
+            ErrorKind::PermissionDenied,
+            "lookup on A (lease {lease})"
+        );
     }
     let unregister = RequestBody::Unregister { instance: a.key };
     assert_eq!(kind(b.request(unregister, T, vec![]).await), ErrorKind::PermissionDenied, "unregister A");
@@ -132,7 +136,8 @@ async fn a_reconnecting_client_takes_its_instance_back_with_its_secret() {
     let conn = a.client.link().borrow().connection.clone().expect("connected");
     conn.close();
     let link = a.client.link();
-    let live = |l: &kvcoord_transport::LinkState| l.connections >= 2 && l.connection.as_ref().is_some_and(|c| !c.is_dead());
+    let live =
+        |l: &kvcoord_transport::LinkState| l.connections >= 2 && l.connection.as_ref().is_some_and(|c| !c.is_dead());
     assert!(eventually(T, async || live(&link.borrow())).await, "reconnected");
     let (r, v) = a.retrieve_and_verify(&h, &blocks, None).await.unwrap();
     assert_eq!((r.prefix_retrieved(), v.corrupt_chunks), (2, 0), "{:?}", r.error);
@@ -407,7 +412,11 @@ async fn a_tenant_over_its_quota_loses_its_own_oldest_chunks_and_nobody_elses() 
     let text = http_get(&admin.unwrap(), "/metrics");
     let metric = |name: &str, tenant: &str| -> f64 {
         let prefix = format!("{name}{{tenant=\"{tenant}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{prefix} in {text}")).parse().unwrap()
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{prefix} in {text}"))
+            .parse()
+            .unwrap()
     };
     assert_eq!(metric("kvcoord_tenant_evictions_total", "a"), 2.0);
     assert_eq!(metric("kvcoord_tenant_evictions_total", "b"), 0.0);
@@ -493,7 +502,8 @@ async fn a_client_hands_its_memory_only_to_a_server_of_its_own_uid_or_root() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let up = eventually(Duration::from_secs(10), async || std::os::unix::net::UnixStream::connect(&socket).is_ok()).await;
+    let up =
+        eventually(Duration::from_secs(10), async || std::os::unix::net::UnixStream::connect(&socket).is_ok()).await;
     assert!(up, "the server (uid nobody) listens");
     let client = core_client(Endpoint::Unix(socket.clone()));
     let key = InstanceKey { engine: 0xf, rank: 0 };

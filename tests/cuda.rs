@@ -26,7 +26,14 @@ fn cuda_available() -> bool {
 }
 
 fn register(key: InstanceKey, layout: KvLayout, memory: MemoryHandle) -> RequestBody {
-    RequestBody::Register(RegisterKvCache { instance: key, model: "cuda-test".into(), world_size: 1, layout, memory, secret: None })
+    RequestBody::Register(RegisterKvCache {
+        instance: key,
+        model: "cuda-test".into(),
+        world_size: 1,
+        layout,
+        memory,
+        secret: None,
+    })
 }
 
 fn kind(r: Result<ReplyBody, RequestError>) -> ErrorKind {

@@ -61,7 +61,7 @@ async fn status(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse 
                 report.hide_instances();
             }
             match serde_json::to_string_pretty(&report) {
-            Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
+                Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
                 Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }
         }

@@ -21,8 +21,8 @@ use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
-use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::access::TenantId;
+use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
 use super::counters::{Counters, TenantCounters};
 use super::keys::{ModelId, ObjectKey};
 use super::l1::{L1Store, Reservation};

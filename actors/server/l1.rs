@@ -427,8 +427,7 @@ impl L1Store {
         };
         ix.charge(t, extent.len() as i64);
         ix.tick = ix.tick.wrapping_add(1);
-        let slot =
-            Slot { key, extent, last_used: ix.tick, pins: 0, readers: 0, tenant: t, state: SlotState::Writing };
+        let slot = Slot { key, extent, last_used: ix.tick, pins: 0, readers: 0, tenant: t, state: SlotState::Writing };
         let i = ix.slots.take(slot);
         let h = ix.hasher.hash_one(key);
         let Index { table, slots, hasher, .. } = &mut *ix;
@@ -718,7 +717,11 @@ mod tests {
         store(&l1, key(&l1, 1, 1));
         store(&l1, key(&l1, 1, 3));
         let hashes: Vec<_> = [1, 2, 3].map(|n| ChunkHash([n; 32])).to_vec();
-        assert_eq!(l1.lookup(m, 2, &hashes, false, (0, TenantId::DEFAULT)).0, 1, "chunk 2 lacks rank 1, so chunk 3 does not count");
+        assert_eq!(
+            l1.lookup(m, 2, &hashes, false, (0, TenantId::DEFAULT)).0,
+            1,
+            "chunk 2 lacks rank 1, so chunk 3 does not count"
+        );
     }
 
     #[test]

@@ -394,7 +394,12 @@ fn handshake_failed(peer: &str, error: &dyn std::fmt::Display) {
     }
 }
 
-async fn open_session(incoming: Incoming, slot: ConnectionSlot, shared: Arc<ServerShared>, supervisor: Addr<Supervisor>) {
+async fn open_session(
+    incoming: Incoming,
+    slot: ConnectionSlot,
+    shared: Arc<ServerShared>,
+    supervisor: Addr<Supervisor>,
+) {
     let peer = incoming.label();
     let transport = match incoming.credentials() {
         Some(c) => Transport::Unix(c),

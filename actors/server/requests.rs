@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use super::access::{needs_admin, Principal};
 use super::copy_lane::JobGate;
 use super::counters::Counters;
-use super::keys::qualified_model;
 use super::instance::{self, InstanceActor};
+use super::keys::qualified_model;
 use super::state::{InstanceRoute, ServerShared};
 use super::supervisor::{GetStats, GetStatus, InjectFault, Register, Supervisor, Unregister};
 
@@ -45,7 +45,11 @@ fn permission_denied(msg: impl Into<String>) -> WireError {
 }
 
 /// The route of `key`, if `session` owns the instance.
-fn route(shared: &ServerShared, key: &kvcoord_transport::InstanceKey, session: u64) -> Result<InstanceRoute, WireError> {
+fn route(
+    shared: &ServerShared,
+    key: &kvcoord_transport::InstanceKey,
+    session: u64,
+) -> Result<InstanceRoute, WireError> {
     let route = shared.route(key).ok_or_else(not_registered)?;
     if route.owner.load(std::sync::atomic::Ordering::Acquire) != session {
         return Err(permission_denied(format!(
@@ -126,9 +130,7 @@ pub async fn serve(
             let sent = supervisor.send(Register { request, fd, session, tenant: who.tenant });
             tokio::time::timeout_at(deadline, sent).await.map_err(|_| timeout()).map(control)?
         }
-        RequestBody::Unregister { instance } => {
-            control(supervisor.send(Unregister { key: instance, session }).await)
-        }
+        RequestBody::Unregister { instance } => control(supervisor.send(Unregister { key: instance, session }).await),
         RequestBody::Store(s) => {
             check_chunks(shared, s.chunks.len())?;
             let r = route(shared, &s.instance, session)?;

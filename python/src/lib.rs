@@ -345,8 +345,14 @@ impl Client {
         let descs = tensors.iter().enumerate().map(|(i, t)| describe(i, t)).collect::<PyResult<Vec<_>>>()?;
         let (layout, memory) = kv_cache(&descs, block_tokens, &REGIONS).map_err(|e| wire_err(&e))?;
         let key = InstanceKey { engine, rank };
-        let request =
-            RegisterKvCache { instance: key, model: model.clone(), world_size, layout, memory: memory.handle(), secret: None };
+        let request = RegisterKvCache {
+            instance: key,
+            model: model.clone(),
+            world_size,
+            layout,
+            memory: memory.handle(),
+            secret: None,
+        };
         let inner = self.inner.clone();
         let region = match &memory {
             KvCacheMemory::Host(r) => Some(r.clone()),

@@ -259,7 +259,9 @@ impl Listener {
                 let inode = std::fs::metadata(path)?.ino();
                 Ok(Listener::Unix { listener, path: path.clone(), inode })
             }
-            Endpoint::Tcp(addr) => Ok(Listener::Tcp { listener: tokio::net::TcpListener::bind(addr).await?, tls: None }),
+            Endpoint::Tcp(addr) => {
+                Ok(Listener::Tcp { listener: tokio::net::TcpListener::bind(addr).await?, tls: None })
+            }
         }
     }
 
