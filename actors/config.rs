@@ -115,7 +115,11 @@ pub struct ServerConfig {
     pub disk_dir: Option<PathBuf>,
     /// Capacity of the disk tier.
     pub disk_size: ByteSize,
-    /// Bearer token that `POST /clear` requires; without one, clear is refused.
+    /// The admin token: the bearer token of the admin HTTP API (`POST
+    /// /clear`, the full `/status`) and, presented in a client's hello, the
+    /// admin role on the socket and TCP (clear, fault injection, full
+    /// status). Without one (and without `admin_token_file`) nobody has the
+    /// admin role. Redacted by `--print-config`.
     pub admin_token: Option<String>,
     /// The shared remote tier on one Redis/Valkey server:
     /// `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS (off
@@ -134,7 +138,59 @@ pub struct ServerConfig {
     /// Prefix of every remote key: coordinators share objects only under
     /// the same prefix.
     pub remote_key_prefix: String,
+    /// A file holding the admin token (its first line), instead of
+    /// `admin_token` on the command line.
+    pub admin_token_file: Option<PathBuf>,
+    /// A file holding the token (its first line) of the default tenant
+    /// (`default`): what TCP clients present. Unix socket peers that send no
+    /// token are the default tenant too.
+    pub token_file: Option<PathBuf>,
+    /// Unix socket peers (by `SO_PEERCRED` uid) allowed to connect, besides
+    /// root. Empty: only the server's own uid (and root).
+    pub allowed_uids: Vec<u32>,
+    /// Unix socket peers allowed by their primary gid (`SO_PEERCRED`).
+    pub allowed_gids: Vec<u32>,
+    /// TLS certificate chain (PEM) for the TCP listener; required with
+    /// `tls_key` when `tcp` is not a loopback address.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the TCP listener.
+    pub tls_key: Option<PathBuf>,
+    /// L1 bytes the default tenant may hold (none: no cap but L1's size).
+    pub l1_quota: Option<ByteSize>,
+    /// Further tenants, each with its own token, namespace and quota
+    /// (`[[tenants]]` tables).
+    pub tenants: Vec<TenantConfig>,
 }
+
+/// One tenant: a token that maps to it, its namespace of cached chunks and
+/// its share of L1.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Its name (in metrics, logs and the welcome); `default` is taken.
+    pub name: String,
+    /// A file holding its token (first line).
+    pub token_file: PathBuf,
+    /// L1 bytes its chunks may take; beyond it its own least recently used
+    /// chunks are evicted first. None: no cap but L1's size.
+    #[serde(default)]
+    pub l1_quota: Option<ByteSize>,
+    /// The namespace its chunks live in: tenants naming the same namespace
+    /// share (and can read) each other's chunks; by default a tenant's
+    /// namespace is its own name. `default` is the default tenant's.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+impl TenantConfig {
+    /// The namespace its chunks live in.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// The name of the tenant of token-less Unix socket peers and of `token_file`.
+pub const DEFAULT_TENANT: &str = "default";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -171,8 +227,23 @@ impl Default for ServerConfig {
             remote_queue_size: ByteSize::mib(256),
             remote_writers: 4,
             remote_key_prefix: "kvcoord".to_string(),
+            admin_token_file: None,
+            token_file: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            l1_quota: None,
+            tenants: Vec::new(),
         }
     }
+}
+
+/// Whether `addr` (`host:port`) can only be reached from this host.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The directory of the default socket: `$XDG_RUNTIME_DIR/kvcoord` when the
@@ -357,6 +428,58 @@ impl ServerConfig {
         {
             return bad("remote_key_prefix", "must be 1 to 64 characters of letters, digits, `-`, `_` or `.`");
         }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            return bad("admin_token_file", "give the admin token once: admin_token or admin_token_file");
+        }
+        self.validate_access()
+    }
+
+    /// The access-control keys: tenants, tokens, TCP and TLS.
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError { key, why });
+        let mut names = std::collections::HashSet::from([DEFAULT_TENANT]);
+        if self.tenants.len() > 1024 {
+            return bad("tenants", "at most 1024 tenants".into());
+        }
+        for t in &self.tenants {
+            let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
+            if !ok(&t.name) || !ok(t.namespace()) {
+                return bad(
+                    "tenants",
+                    format!("tenant {:?}: names and namespaces are 1-64 printable ASCII characters", t.name),
+                );
+            }
+            if !names.insert(&t.name) {
+                return bad("tenants", format!("tenant name {:?} is taken (`default` is the default tenant)", t.name));
+            }
+            if t.l1_quota.is_some_and(|q| q.as_u64() == 0) {
+                return bad("tenants", format!("tenant {:?}: l1_quota must be positive", t.name));
+            }
+        }
+        if self.l1_quota.is_some_and(|q| q.as_u64() == 0) {
+            return bad("l1_quota", "must be positive".into());
+        }
+        if let Some(tcp) = &self.tcp {
+            if self.token_file.is_none() && self.tenants.is_empty() {
+                return bad(
+                    "tcp",
+                    "a TCP listener needs a token: set token_file (or [[tenants]]); TCP clients must present one"
+                        .into(),
+                );
+            }
+            if !is_loopback(tcp) && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+                return bad(
+                    "tcp",
+                    format!("{tcp} is not a loopback address: set tls_cert and tls_key (TLS is required off-host)"),
+                );
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_key", "tls_cert and tls_key go together".into());
+        }
+        if self.tls_cert.is_some() && self.tcp.is_none() {
+            return bad("tls_cert", "TLS is for the TCP listener: set tcp too".into());
+        }
         Ok(())
     }
 
@@ -365,14 +488,19 @@ impl ServerConfig {
         self.remote.is_some() || !self.remote_cluster.is_empty()
     }
 
-    /// The configuration with every password in a URL replaced by `***`
-    /// (for `--print-config` and logs).
+    /// The configuration with secrets replaced (for `--print-config` and
+    /// logs): every password in a remote URL by `***`, the admin token by
+    /// `<redacted>`. Token files are paths, shown as they are.
     pub fn redacted(&self) -> ServerConfig {
-        ServerConfig {
+        let mut c = ServerConfig {
             remote: self.remote.as_deref().map(redact_url),
             remote_cluster: self.remote_cluster.iter().map(|u| redact_url(u)).collect(),
             ..self.clone()
+        };
+        if c.admin_token.is_some() {
+            c.admin_token = Some("<redacted>".into());
         }
+        c
     }
 
     /// The admin API address, unless it is `off`.

@@ -83,10 +83,18 @@ async fn metrics_parse_as_prometheus_text_and_move_after_real_requests() {
 #[actix_rt::test]
 async fn status_lists_a_registered_instance_and_drops_it_after_unregister() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &["--admin", "127.0.0.1:0"]);
+    let server = ServerProcess::start(dir.path(), &["--admin", "127.0.0.1:0", "--admin-token", "s3cret-admin"]);
     let admin = admin_addr(&server).await;
     let w = worker(&server, 0xabc, 2, 4).await;
+    // Without the admin token: no instance keys, no model names.
     let (code, body) = http(&admin, "GET", "/status", &[]);
+    assert_eq!(code, 200);
+    let report: StatusReport = serde_json::from_str(&body).unwrap();
+    assert!(report.instances.is_empty() && report.instances_hidden, "{body}");
+    assert!(!body.contains("test-model") && !body.contains(&0xabc_u64.to_string()), "{body}");
+    assert_eq!(report.stats.instances, 1, "the counts stay");
+    let bearer = ["Authorization: Bearer s3cret-admin"];
+    let (code, body) = http(&admin, "GET", "/status", &bearer);
     assert_eq!(code, 200);
     let report: StatusReport = serde_json::from_str(&body).unwrap();
     assert_eq!(report.instances.len(), 1);
@@ -95,7 +103,7 @@ async fn status_lists_a_registered_instance_and_drops_it_after_unregister() {
     assert_eq!(i.layout, small_layout());
     assert_eq!(report.backend, "host");
     w.client.unregister(w.key).await.unwrap();
-    let (_, body) = http(&admin, "GET", "/status", &[]);
+    let (_, body) = http(&admin, "GET", "/status", &bearer);
     let report: StatusReport = serde_json::from_str(&body).unwrap();
     assert!(report.instances.is_empty());
 }
@@ -135,12 +143,31 @@ async fn health_and_readiness_answer() {
 #[actix_rt::test]
 async fn kvcoord_status_shows_a_running_coordinator() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "status-admin-token-0123456789\n").unwrap();
+    let token_arg = token_file.to_str().unwrap().to_string();
+    let server = ServerProcess::start(dir.path(), &["--admin-token-file", &token_arg]);
     let mut w = worker(&server, 0x42, 0, 1).await;
     w.store_prefix(&prefix_hashes("test-model", 0x42, 0, 2, 256)).await.unwrap();
     let socket = server.socket.clone();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_kvcoord")).args(["status", "--socket"]).arg(&socket).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INSTANCES (hidden"), "no admin token, no instances: {text}");
+    assert!(!text.contains("0000000000000042") && !text.contains("test-model"), "{text}");
+
+    let socket = server.socket.clone();
+    let token = token_arg.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_kvcoord"))
+            .args(["status", "--admin-token-file", &token, "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
     })
     .await
     .unwrap();

@@ -165,6 +165,7 @@ fn register_body(key: InstanceKey, layout: kvcoord_memory::KvLayout, size: u64) 
         world_size: 1,
         layout,
         memory: MemoryHandle::HostFd { size },
+        secret: None,
     })
 }
 
@@ -204,8 +205,9 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
         let fd = cache.fd().try_clone_to_owned().unwrap();
         conn.request(register_body(key, l, l.total_bytes()), T, vec![fd])
     };
-    assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false });
-    assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: true }, "same layout: idempotent");
+    assert!(matches!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false, .. }));
+    let again = reg(layout).await.unwrap();
+    assert!(matches!(again, ReplyBody::Registered { already: true, .. }), "same layout: idempotent");
     let other = kvcoord_memory::KvLayout::mha(4, 256, 16, 4, 32, kvcoord_memory::Dtype::Bf16);
     assert_eq!(kind(reg(other).await), ErrorKind::LayoutMismatch);
 
@@ -223,6 +225,7 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
         world_size: 2,
         layout,
         memory: MemoryHandle::HostFd { size: layout.total_bytes() },
+        secret: None,
     });
     assert_eq!(kind(conn.request(bad_rank, T, vec![]).await), ErrorKind::InvalidArgument);
     let no_fd =
@@ -241,7 +244,7 @@ async fn bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
 
 async fn handshaken(server: &ServerProcess) -> tokio::net::UnixStream {
     let mut s = tokio::net::UnixStream::connect(&server.socket).await.unwrap();
-    let hello = ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: "raw".into() });
+    let hello = ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: "raw".into(), token: None });
     s.write_all(&frame::encode(&hello, 0, 1 << 20).unwrap()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
@@ -376,5 +379,5 @@ async fn vllm_layouts_store_then_retrieve_into_other_blocks_is_bit_exact() {
     let mut huge = layout;
     huge.placement.layer_stride = u64::MAX / 2;
     assert_eq!(kind(reg(huge).await), ErrorKind::InvalidArgument, "overflowing placement");
-    assert_eq!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false });
+    assert!(matches!(reg(layout).await.unwrap(), ReplyBody::Registered { already: false, .. }));
 }

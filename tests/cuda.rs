@@ -26,7 +26,14 @@ fn cuda_available() -> bool {
 }
 
 fn register(key: InstanceKey, layout: KvLayout, memory: MemoryHandle) -> RequestBody {
-    RequestBody::Register(RegisterKvCache { instance: key, model: "cuda-test".into(), world_size: 1, layout, memory })
+    RequestBody::Register(RegisterKvCache {
+        instance: key,
+        model: "cuda-test".into(),
+        world_size: 1,
+        layout,
+        memory,
+        secret: None,
+    })
 }
 
 fn kind(r: Result<ReplyBody, RequestError>) -> ErrorKind {
@@ -108,7 +115,7 @@ async fn cuda_registration_checks_device_layers_sizes_and_handles() {
 
     // The real registration works, and a malformed ready event is refused.
     let ok = conn.request(register(key, layout, cache.memory_handle()), T, vec![]).await;
-    assert!(matches!(ok, Ok(ReplyBody::Registered { already: false })), "{ok:?}");
+    assert!(matches!(ok, Ok(ReplyBody::Registered { already: false, .. })), "{ok:?}");
     let h = prefix_hashes("cuda-test", 5, 0, 1, 256);
     let store = RequestBody::Store(StoreChunks {
         instance: key,

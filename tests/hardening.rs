@@ -27,7 +27,7 @@ const T: Duration = Duration::from_secs(5);
 const MIB: u64 = 1 << 20;
 
 fn hello_bytes(name: &str) -> Vec<u8> {
-    let hello = ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: name.into() });
+    let hello = ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: name.into(), token: None });
     frame::encode(&hello, 0, 1 << 20).unwrap()
 }
 

@@ -154,9 +154,12 @@ async fn twenty_kill_restart_cycles_under_load_never_hang_or_corrupt() {
 #[actix_rt::test]
 async fn an_injected_actor_crash_causes_one_reregistration_per_affected_client() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &["--enable-fault-injection", "--copy-lanes", "2"]);
-    let mut a = worker(&server, 301, 0, 1).await;
-    let mut b = worker(&server, 302, 0, 1).await;
+    // Fault injection needs the admin role.
+    let token = "restart-test-admin-token";
+    let server =
+        ServerProcess::start(dir.path(), &["--enable-fault-injection", "--copy-lanes", "2", "--admin-token", token]);
+    let mut a = worker_with_token(&server, 301, 0, 1, token).await;
+    let mut b = worker_with_token(&server, 302, 0, 1, token).await;
     let h = prefix_hashes("test-model", 300, 0, 2, 256);
 
     a.client.inject_fault(FaultTarget::Instance(a.key)).await.unwrap();
@@ -183,11 +186,22 @@ async fn an_injected_actor_crash_causes_one_reregistration_per_affected_client()
 #[actix_rt::test]
 async fn concurrent_not_registered_replies_cause_exactly_one_reregistration() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
+    let token = "restart-test-admin-token";
+    let server = ServerProcess::start(dir.path(), &["--fault-injection", "--admin-token", token]);
     let w = worker(&server, 400, 0, 1).await;
-    // The registration disappears behind the client's back.
-    let other = raw(&server).await;
-    other.request(RequestBody::Unregister { instance: w.key }, Duration::from_secs(5), vec![]).await.unwrap();
+    // The registration disappears behind the client's back (its actor dies;
+    // another session may not unregister it).
+    let admin = raw_with_token(&server, token).await;
+    let crash = RequestBody::InjectFault(FaultTarget::Instance(w.key));
+    admin.request(crash, Duration::from_secs(5), vec![]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let s = admin.request(RequestBody::Stats, Duration::from_secs(5), vec![]).await;
+            matches!(s, Ok(ReplyBody::Stats(s)) if s.instances == 0)
+        })
+        .await,
+        "the crashed instance's registration is dropped"
+    );
     let h = prefix_hashes("test-model", 400, 0, 2, 256);
     let lookups = (0..16).map(|_| w.client.lookup(w.key, h.clone(), false));
     for r in futures::future::join_all(lookups).await {
@@ -211,14 +225,21 @@ async fn a_reconnect_within_the_grace_period_keeps_the_registration() {
         world_size: 1,
         layout,
         memory: kvcoord_memory::MemoryHandle::HostFd { size: layout.total_bytes() },
+        secret: None,
     });
     let fd = || vec![cache.fd().try_clone_to_owned().unwrap()];
-    conn.request(body.clone(), Duration::from_secs(5), fd()).await.unwrap();
+    let ReplyBody::Registered { secret, .. } = conn.request(body.clone(), Duration::from_secs(5), fd()).await.unwrap()
+    else {
+        panic!("not registered")
+    };
     conn.close();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let again = raw(&server).await;
-    let r = again.request(body, Duration::from_secs(5), fd()).await.unwrap();
-    assert_eq!(r, ReplyBody::Registered { already: true });
+    // The new connection takes the instance over by presenting its secret.
+    let RequestBody::Register(mut with_secret) = body else { unreachable!() };
+    with_secret.secret = Some(secret);
+    let r = again.request(RequestBody::Register(with_secret), Duration::from_secs(5), fd()).await.unwrap();
+    assert_eq!(r, ReplyBody::Registered { already: true, secret });
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let ReplyBody::Stats(s) = again.request(RequestBody::Stats, Duration::from_secs(5), vec![]).await.unwrap() else {
         panic!()

@@ -93,7 +93,9 @@ pub struct ServeArgs {
     /// Capacity of the disk tier, e.g. `100GiB`.
     #[arg(long, env = "KVCOORD_DISK_SIZE")]
     disk_size: Option<bytesize::ByteSize>,
-    /// Bearer token that the admin `POST /clear` requires (clear is refused without one).
+    /// The admin token: bearer token of the admin HTTP API's `POST /clear`
+    /// and full `/status`, and the admin role (clear, fault injection, full
+    /// status) for a client that presents it. Prefer `--admin-token-file`.
     #[arg(long, env = "KVCOORD_ADMIN_TOKEN")]
     admin_token: Option<String>,
     /// The shared remote tier on one Redis/Valkey server:
@@ -116,6 +118,27 @@ pub struct ServeArgs {
     /// Prefix of every remote key (coordinators share objects only under the same prefix).
     #[arg(long, env = "KVCOORD_REMOTE_KEY_PREFIX")]
     remote_key_prefix: Option<String>,
+    /// File holding the admin token (first line).
+    #[arg(long, env = "KVCOORD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// File holding the default tenant's token (first line); required for `--tcp`.
+    #[arg(long, env = "KVCOORD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Unix socket peer uid allowed to connect (repeat; default: the server's own uid; root always).
+    #[arg(long = "allow-uid", env = "KVCOORD_ALLOWED_UIDS", value_delimiter = ',')]
+    allowed_uids: Vec<u32>,
+    /// Unix socket peer gid allowed to connect (repeat).
+    #[arg(long = "allow-gid", env = "KVCOORD_ALLOWED_GIDS", value_delimiter = ',')]
+    allowed_gids: Vec<u32>,
+    /// TLS certificate chain (PEM) for `--tcp` (required off loopback).
+    #[arg(long, env = "KVCOORD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for `--tcp`.
+    #[arg(long, env = "KVCOORD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// L1 bytes the default tenant's chunks may take, e.g. `2GiB`.
+    #[arg(long, env = "KVCOORD_L1_QUOTA")]
+    l1_quota: Option<bytesize::ByteSize>,
     #[arg(long, value_enum, env = "KVCOORD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
     /// Print the effective configuration and exit.
@@ -175,6 +198,25 @@ impl ServeArgs {
         }
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token.clone();
+        }
+        for (flag, field) in [
+            (&self.admin_token_file, &mut c.admin_token_file),
+            (&self.token_file, &mut c.token_file),
+            (&self.tls_cert, &mut c.tls_cert),
+            (&self.tls_key, &mut c.tls_key),
+        ] {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        }
+        if !self.allowed_uids.is_empty() {
+            c.allowed_uids = self.allowed_uids.clone();
+        }
+        if !self.allowed_gids.is_empty() {
+            c.allowed_gids = self.allowed_gids.clone();
+        }
+        if self.l1_quota.is_some() {
+            c.l1_quota = self.l1_quota;
         }
         if self.fault_injection {
             c.fault_injection = true;

@@ -17,6 +17,10 @@ pub struct StatusArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// A file holding the admin token: the instances (keys, models, owners)
+    /// are shown only to the admin.
+    #[arg(long, env = "KVCOORD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn duration(ms: u64) -> String {
@@ -124,6 +128,10 @@ fn print_report(r: &StatusReport) {
         s.sessions, s.connections, s.registrations, s.reregistrations, s.reclaimed_instances, s.actor_restarts
     );
     println!();
+    if r.instances_hidden {
+        println!("INSTANCES (hidden: shown only with the admin token, --admin-token-file)");
+        return;
+    }
     println!("INSTANCES ({})", r.instances.len());
     if r.instances.is_empty() {
         return;
@@ -152,8 +160,19 @@ fn print_report(r: &StatusReport) {
 
 pub fn run(args: StatusArgs) -> i32 {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let token = match &args.admin_token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t.lines().next().unwrap_or("").trim().to_string()),
+            Err(e) => {
+                eprintln!("kvcoord status: {}: {e}", path.display());
+                return 2;
+            }
+        },
+        None => None,
+    };
     let result = rt.block_on(async {
-        let conn = Connection::open(&Endpoint::Unix(args.socket.clone()), &ConnectOptions::default())
+        let opts = ConnectOptions { token, ..ConnectOptions::default() };
+        let conn = Connection::open(&Endpoint::Unix(args.socket.clone()), &opts)
             .await
             .map_err(|e| format!("no coordinator at {}: {e}", args.socket.display()))?;
         match conn.request(RequestBody::Status, Duration::from_secs(5), Vec::new()).await {

@@ -3,11 +3,13 @@
 //!
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: accepting and serving (503 while shutting down).
-//! - `GET /status`: JSON [`kvcoord_transport::StatusReport`].
-//! - `GET /metrics`: Prometheus (OpenMetrics) text.
+//! - `GET /status`: JSON [`kvcoord_transport::StatusReport`]; the instances
+//!   (keys, models, owners) only with `Authorization: Bearer <admin token>`.
+//! - `GET /metrics`: Prometheus (OpenMetrics) text, with per-tenant series
+//!   (`kvcoord_tenant_*{tenant="..."}`: lookups, hits, bytes, evictions, L1 use).
 //! - `POST /clear`: drops every L1 object; refused unless the server was
-//!   started with `--admin-token`, and then only with
-//!   `Authorization: Bearer <token>`.
+//!   started with an admin token, and then only with
+//!   `Authorization: Bearer <token>` (compared in constant time).
 //!
 //! It must never serve the data path or change registrations.
 
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::{http::StatusCode, web, App, HttpRequest, HttpResponse, HttpServer};
 
+use super::counters::Counters;
+use super::metrics::TenantFigures;
 use super::state::ServerShared;
 use super::supervisor::{GetStats, GetStatus, Supervisor};
 
@@ -40,17 +44,58 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
-async fn status(state: web::Data<AdminState>) -> HttpResponse {
+/// Whether the request carries the admin token as its bearer token
+/// (compared in constant time).
+fn is_admin(state: &AdminState, req: &HttpRequest) -> bool {
+    let given =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|t| state.shared.access.is_admin_token(t))
+}
+
+async fn status(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse {
+    let admin = is_admin(&state, &req);
     match state.supervisor.send(GetStatus).await {
-        Ok(report) => match serde_json::to_string_pretty(&report) {
-            Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
-            Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        },
+        Ok(mut report) => {
+            // Instance keys and model names only with the admin token.
+            if !admin {
+                report.hide_instances();
+            }
+            match serde_json::to_string_pretty(&report) {
+                Ok(body) => HttpResponse::Ok().content_type("application/json").body(body),
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
         Err(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "supervisor unavailable"),
     }
 }
 
+/// Every tenant's figures now.
+fn tenant_figures(shared: &ServerShared) -> Vec<TenantFigures> {
+    let usage = shared.l1.tenant_usage();
+    shared
+        .access
+        .tenants()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let c = &shared.tenant_counters[i];
+            let u = usage.get(i).copied().unwrap_or_default();
+            TenantFigures {
+                name: t.name.clone(),
+                lookup_asked_chunks: Counters::get(&c.lookup_asked_chunks),
+                lookup_hit_chunks: Counters::get(&c.lookup_hit_chunks),
+                bytes_stored: Counters::get(&c.bytes_stored),
+                bytes_retrieved: Counters::get(&c.bytes_retrieved),
+                evictions: u.evictions,
+                l1_used: u.used,
+                l1_quota: t.l1_quota.unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
 async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    state.shared.metrics.update_tenants(&tenant_figures(&state.shared));
     match state.supervisor.send(GetStats).await {
         Ok(stats) => HttpResponse::Ok()
             .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
@@ -60,12 +105,10 @@ async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
 }
 
 async fn clear(state: web::Data<AdminState>, req: HttpRequest) -> HttpResponse {
-    let Some(token) = &state.shared.config.admin_token else {
-        return json_error(StatusCode::FORBIDDEN, "clear is disabled: start kvcoord with --admin-token");
-    };
-    let given =
-        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token.as_str()) {
+    if !state.shared.access.has_admin() {
+        return json_error(StatusCode::FORBIDDEN, "clear is disabled: start kvcoord with --admin-token(-file)");
+    }
+    if !is_admin(&state, &req) {
         return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     let objects = state.shared.l1.clear();

@@ -31,3 +31,12 @@ impl Counters {
         counter.load(Ordering::Relaxed)
     }
 }
+
+/// One tenant's monotonic counters (exported per tenant in the metrics).
+#[derive(Default)]
+pub struct TenantCounters {
+    pub lookup_asked_chunks: AtomicU64,
+    pub lookup_hit_chunks: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub bytes_retrieved: AtomicU64,
+}

@@ -21,8 +21,9 @@ use kvcoord_transport::{
     ChunkHash, ErrorKind, InstanceKey, LeaseId, ReplyBody, RetrieveOutcome, StoreOutcome, WireError,
 };
 
+use super::access::TenantId;
 use super::copy_lane::{CopyLane, GatherJob, JobGate, OpenedMemory, ScatterJob, ScatterSource};
-use super::counters::Counters;
+use super::counters::{Counters, TenantCounters};
 use super::keys::{ModelId, ObjectKey, ObjectNamespace};
 use super::l1::{L1Store, Reservation};
 use super::supervision::{ChildExited, DeathNotice};
@@ -71,6 +72,9 @@ pub struct DataPath {
     /// The tiers below L1 (disk, remote), as configured.
     pub tiers: Tiers,
     pub counters: Arc<Counters>,
+    /// The tenant charged for the objects it stores (and promotes).
+    pub tenant: TenantId,
+    pub tenant_counters: Arc<TenantCounters>,
 }
 
 pub struct InstanceActor {
@@ -143,7 +147,7 @@ impl InstanceActor {
             None => tier.read(read),
         };
         let namespace = self.namespace.clone();
-        match l1.reserve(key, bytes) {
+        match l1.reserve_for(key, bytes, self.data.tenant) {
             Ok(Reservation::Write(ticket)) => {
                 let (read, done) = TierRead::new(key, namespace, ticket);
                 start(read);
@@ -200,7 +204,7 @@ impl Handler<StoreChunks> for InstanceActor {
                 let r = self
                     .data
                     .l1
-                    .reserve(self.object_key(hash), bytes)
+                    .reserve_for(self.object_key(hash), bytes, self.data.tenant)
                     .map_err(|e| WireError::new(ErrorKind::Internal, format!("L1 memory could not grow: {e}")))?;
                 match r {
                     Reservation::Write(t) => {
@@ -237,6 +241,7 @@ impl Handler<StoreChunks> for InstanceActor {
             }
             let (outcomes, bytes) = lane.send(job).await.map_err(lane_gone)??;
             Counters::add(&data.counters.bytes_stored, bytes);
+            Counters::add(&data.tenant_counters.bytes_stored, bytes);
             // Write behind: the store's reply does not wait for any tier.
             for tier in data.tiers.all() {
                 for (key, _) in keys.iter().zip(&outcomes).filter(|(_, o)| **o == StoreOutcome::Stored) {
@@ -280,6 +285,7 @@ impl Handler<RetrieveChunks> for InstanceActor {
             } else {
                 lane.send(job).await.map_err(lane_gone)?.map(|(o, bytes)| {
                     Counters::add(&data.counters.bytes_retrieved, bytes);
+                    Counters::add(&data.tenant_counters.bytes_retrieved, bytes);
                     o
                 })
             };

@@ -14,6 +14,11 @@
 //! evicted or cleared while read is "doomed": gone from the index at once,
 //! its memory reused only when the last reader lets go.
 //!
+//! Tenants: every object is charged to the tenant that stored it. A tenant
+//! with an L1 quota that would go over it evicts its own least recently used
+//! objects first (and gets no space if none of its own is evictable); a full
+//! L1 evicts anyone's. Leases carry the tenant that took them.
+//!
 //! Layout, for millions of entries: each object is one 64-byte [`Slot`] in a
 //! paged array (key, 12-byte arena extent, last-used tick, pins, readers,
 //! state), found through a `hashbrown::HashTable` of `u32` slot numbers.
@@ -32,6 +37,7 @@ use kvcoord_memory::{Arena, Extent, ObjectBytes};
 use kvcoord_transport::{ChunkHash, LeaseId};
 use parking_lot::Mutex;
 
+use super::access::TenantId;
 use super::keys::{ModelId, ObjectKey};
 use super::tier::{Exclusive, Tier};
 
@@ -53,8 +59,10 @@ struct Slot {
     key: ObjectKey,
     extent: Extent,
     last_used: u32,
-    pins: u32,
+    pins: u16,
     readers: u16,
+    /// The tenant charged for it.
+    tenant: u16,
     state: SlotState,
 }
 
@@ -64,6 +72,7 @@ const EMPTY: Slot = Slot {
     last_used: 0,
     pins: 0,
     readers: 0,
+    tenant: 0,
     state: SlotState::Free,
 };
 
@@ -111,6 +120,17 @@ struct Lease {
     ranks: HashSet<u32>,
     expires: Instant,
     session: u64,
+    tenant: TenantId,
+}
+
+/// One tenant's share of L1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantUsage {
+    /// Bytes of its objects in the index (being written or ready).
+    pub used: u64,
+    pub quota: Option<u64>,
+    /// Its objects evicted (for its quota or for room).
+    pub evictions: u64,
 }
 
 struct Index {
@@ -123,9 +143,9 @@ struct Index {
     writing: u64,
     pinned: u64,
     evictions: u64,
-    leases: HashMap<u64, Lease>,
-    next_lease: u64,
+    leases: HashMap<u128, Lease>,
     models: HashMap<(String, u32), ModelId>,
+    tenants: Vec<TenantUsage>,
 }
 
 /// What a remote tier holds of a lookup's chunks from `from` on: `held[(c -
@@ -241,6 +261,7 @@ impl Index {
         if slot.pins > 0 {
             self.pinned -= 1;
         }
+        self.charge(slot.tenant, -(slot.extent.len() as i64));
         if slot.readers == 0 {
             arena.free_extent(slot.extent);
             self.slots.give_back(i);
@@ -251,18 +272,44 @@ impl Index {
         }
     }
 
+    fn usage_of(&mut self, tenant: u16) -> &mut TenantUsage {
+        let t = tenant as usize;
+        if t >= self.tenants.len() {
+            self.tenants.resize(t + 1, TenantUsage::default());
+        }
+        &mut self.tenants[t]
+    }
+
+    /// Adds `bytes` (negative: takes them back) to `tenant`'s use.
+    fn charge(&mut self, tenant: u16, bytes: i64) {
+        let u = self.usage_of(tenant);
+        u.used = u.used.saturating_add_signed(bytes);
+    }
+
+    /// Evicts ready object `i`, counting it against its tenant.
+    fn evict(&mut self, i: u32, arena: &Arena) {
+        let tenant = self.slots.get(i).tenant;
+        self.remove_ready(i, arena);
+        self.evictions += 1;
+        self.usage_of(tenant).evictions += 1;
+    }
+
     fn evictable(s: &Slot) -> bool {
         s.state == SlotState::Ready && s.pins == 0 && s.readers == 0
     }
 
-    /// The least recently used of a few random evictable objects, or any
-    /// evictable object at all (full scan) when sampling finds none.
-    fn victim(&mut self) -> Option<u32> {
+    /// The least recently used of a few random evictable objects (of
+    /// `tenant` only, if given), or any such object at all (full scan) when
+    /// sampling finds none.
+    fn victim(&mut self, tenant: Option<u16>) -> Option<u32> {
         let n = self.slots.used as u64;
         if n == 0 || self.ready == 0 {
             return None;
         }
-        for _ in 0..ROUNDS {
+        let fits = |s: &Slot| Self::evictable(s) && tenant.is_none_or(|t| s.tenant == t);
+        // A tenant's objects may be few among many: sample longer for them.
+        let rounds = if tenant.is_some() { 4 * ROUNDS } else { ROUNDS };
+        for _ in 0..rounds {
             let mut best: Option<(u32, u32)> = None;
             for _ in 0..SAMPLES {
                 // xorshift64: cheap, and good enough to pick slots.
@@ -271,7 +318,7 @@ impl Index {
                 self.rng ^= self.rng << 17;
                 let i = (self.rng % n) as u32;
                 let s = self.slots.get(i);
-                if Self::evictable(s) {
+                if fits(s) {
                     let age = self.tick.wrapping_sub(s.last_used);
                     if best.is_none_or(|(_, a)| age > a) {
                         best = Some((i, age));
@@ -282,7 +329,7 @@ impl Index {
                 return Some(i);
             }
         }
-        (0..n as u32).find(|&i| Self::evictable(self.slots.get(i)))
+        (0..n as u32).find(|&i| fits(self.slots.get(i)))
     }
 
     fn unpin(&mut self, model: ModelId, rank: u32, hashes: &[ChunkHash]) {
@@ -315,8 +362,8 @@ impl L1Store {
                 pinned: 0,
                 evictions: 0,
                 leases: HashMap::new(),
-                next_lease: 1,
                 models: HashMap::new(),
+                tenants: vec![TenantUsage::default()],
             }),
             lease_ttl,
             lower: std::sync::OnceLock::new(),
@@ -346,9 +393,28 @@ impl L1Store {
         self.index.lock().models.get(&(model.to_string(), world_size)).copied()
     }
 
-    /// Reserves room for a new object of `bytes`, evicting least recently
-    /// used evictable objects as needed.
+    /// Sets every tenant's L1 quota (index: tenant id); at start.
+    pub fn set_quotas(&self, quotas: &[Option<u64>]) {
+        let mut ix = self.index.lock();
+        for (t, q) in quotas.iter().enumerate() {
+            ix.usage_of(t as u16).quota = *q;
+        }
+    }
+
+    /// Every tenant's share of L1 (index: tenant id).
+    pub fn tenant_usage(&self) -> Vec<TenantUsage> {
+        self.index.lock().tenants.clone()
+    }
+
+    /// Reserves room for a new object of `bytes` for the default tenant.
     pub fn reserve(self: &Arc<Self>, key: ObjectKey, bytes: u64) -> std::io::Result<Reservation> {
+        self.reserve_for(key, bytes, TenantId::DEFAULT)
+    }
+
+    /// Reserves room for a new object of `bytes` charged to `tenant`: over
+    /// its quota, its own least recently used objects are evicted first;
+    /// then, while L1 is full, anyone's.
+    pub fn reserve_for(self: &Arc<Self>, key: ObjectKey, bytes: u64, tenant: TenantId) -> std::io::Result<Reservation> {
         let mut ix = self.index.lock();
         if let Some(i) = ix.find(&key) {
             if ix.slots.get(i).state == SlotState::Ready {
@@ -356,20 +422,30 @@ impl L1Store {
             }
             return Ok(Reservation::AlreadyPresent);
         }
+        let t = tenant.0;
+        if let Some(quota) = ix.usage_of(t).quota {
+            if bytes > quota {
+                return Ok(Reservation::NoSpace);
+            }
+            while ix.usage_of(t).used + bytes > quota {
+                match ix.victim(Some(t)) {
+                    Some(i) => ix.evict(i, &self.arena),
+                    None => return Ok(Reservation::NoSpace),
+                }
+            }
+        }
         let extent = loop {
             if let Some(e) = self.arena.allocate_extent(bytes)? {
                 break e;
             }
-            match ix.victim() {
-                Some(i) => {
-                    ix.remove_ready(i, &self.arena);
-                    ix.evictions += 1;
-                }
+            match ix.victim(None) {
+                Some(i) => ix.evict(i, &self.arena),
                 None => return Ok(Reservation::NoSpace),
             }
         };
+        ix.charge(t, extent.len() as i64);
         ix.tick = ix.tick.wrapping_add(1);
-        let slot = Slot { key, extent, last_used: ix.tick, pins: 0, readers: 0, state: SlotState::Writing };
+        let slot = Slot { key, extent, last_used: ix.tick, pins: 0, readers: 0, tenant: t, state: SlotState::Writing };
         let i = ix.slots.take(slot);
         let h = ix.hasher.hash_one(key);
         let Index { table, slots, hasher, .. } = &mut *ix;
@@ -396,6 +472,7 @@ impl L1Store {
         if let Ok(entry) = ix.table.find_entry(h, |&j| j == i) {
             entry.remove();
         }
+        ix.charge(slot.tenant, -(slot.extent.len() as i64));
         self.arena.free_extent(slot.extent);
         ix.slots.give_back(i);
     }
@@ -426,16 +503,17 @@ impl L1Store {
     }
 
     /// How many leading chunks of `hashes` are ready for every rank of
-    /// `world_size`; with `lease`, pins them until released or expired.
+    /// `world_size`; with `lease`, pins them until released or expired, in a
+    /// lease of `session` for `tenant`'s sessions.
     pub fn lookup(
         &self,
         model: ModelId,
         world_size: u32,
         hashes: &[ChunkHash],
         lease: bool,
-        session: u64,
+        who: (u64, TenantId),
     ) -> (u32, Option<LeaseId>) {
-        self.lookup_with(model, world_size, hashes, lease, session, None)
+        self.lookup_with(model, world_size, hashes, lease, who, None)
     }
 
     /// [`L1Store::lookup`], also counting objects a remote tier was found to
@@ -447,7 +525,7 @@ impl L1Store {
         world_size: u32,
         hashes: &[ChunkHash],
         lease: bool,
-        session: u64,
+        (session, tenant): (u64, TenantId),
         remote: Option<&RemoteHeld>,
     ) -> (u32, Option<LeaseId>) {
         let mut ix = self.index.lock();
@@ -479,17 +557,28 @@ impl L1Store {
                 }
             }
         }
-        let id = ix.next_lease;
-        ix.next_lease += 1;
+        // Random, so a lease id cannot be guessed from another's.
+        let id = loop {
+            let id = rand::random::<u128>();
+            if !ix.leases.contains_key(&id) {
+                break id;
+            }
+        };
         let l = Lease {
             model,
             hashes: hashes[..found].to_vec(),
             ranks: (0..world_size).collect(),
             expires: Instant::now() + self.lease_ttl,
             session,
+            tenant,
         };
         ix.leases.insert(id, l);
         (found as u32, Some(LeaseId(id)))
+    }
+
+    /// The tenant whose sessions may use `lease`, while it exists.
+    pub fn lease_tenant(&self, lease: LeaseId) -> Option<TenantId> {
+        self.index.lock().leases.get(&lease.0).map(|l| l.tenant)
     }
 
     /// Releases `rank`'s share of a lease (after that rank's retrieve).
@@ -520,7 +609,7 @@ impl L1Store {
 
     /// Releases leases past their time to live. Returns how many.
     pub fn expire_leases(&self, now: Instant) -> usize {
-        let expired: Vec<u64> = {
+        let expired: Vec<u128> = {
             let ix = self.index.lock();
             ix.leases.iter().filter(|(_, l)| l.expires <= now).map(|(id, _)| *id).collect()
         };
@@ -537,7 +626,7 @@ impl L1Store {
 
     /// Releases every lease a session took (the session's client is gone).
     pub fn release_session(&self, session: u64) -> usize {
-        let ids: Vec<u64> = {
+        let ids: Vec<u128> = {
             let ix = self.index.lock();
             ix.leases.iter().filter(|(_, l)| l.session == session).map(|(id, _)| *id).collect()
         };
@@ -662,11 +751,12 @@ mod tests {
         store(&l1, key(&l1, 1, 1));
         store(&l1, key(&l1, 1, 3));
         let hashes: Vec<_> = [1, 2, 3].map(|n| ChunkHash([n; 32])).to_vec();
-        assert_eq!(l1.lookup(m, 2, &hashes, false, 0).0, 1, "chunk 2 lacks rank 1, so chunk 3 does not count");
+        let who = (0, TenantId::DEFAULT);
+        assert_eq!(l1.lookup(m, 2, &hashes, false, who).0, 1, "chunk 2 lacks rank 1, so chunk 3 does not count");
         let remote = RemoteHeld { from: 1, held: vec![false, true, false, false] };
-        assert_eq!(l1.lookup_with(m, 2, &hashes, false, 0, Some(&remote)).0, 3, "the remote holds chunk 2's rank 1");
+        assert_eq!(l1.lookup_with(m, 2, &hashes, false, who, Some(&remote)).0, 3, "the remote holds chunk 2's rank 1");
         let remote = RemoteHeld { from: 1, held: vec![true, false, true, true] };
-        assert_eq!(l1.lookup_with(m, 2, &hashes, false, 0, Some(&remote)).0, 1, "nobody holds chunk 2's rank 1");
+        assert_eq!(l1.lookup_with(m, 2, &hashes, false, who, Some(&remote)).0, 1, "nobody holds chunk 2's rank 1");
     }
 
     #[test]
@@ -680,7 +770,7 @@ mod tests {
         for n in 1..=3 {
             store(&l1, k(n));
         }
-        let (found, lease) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, 0);
+        let (found, lease) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (0, TenantId::DEFAULT));
         assert_eq!(found, 1);
         store(&l1, k(4));
         assert!(l1.read(&k(1)).is_some(), "leased object survives");
@@ -696,7 +786,7 @@ mod tests {
         let m = l1.model_id("m", 1);
         let k = |n| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
         store(&l1, k(1));
-        let _lease = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, 0);
+        let _lease = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (0, TenantId::DEFAULT));
         assert!(matches!(l1.reserve(k(2), 4096).unwrap(), Reservation::NoSpace));
     }
 
@@ -746,14 +836,65 @@ mod tests {
         let m = l1.model_id("m", 2);
         store(&l1, key(&l1, 0, 1));
         store(&l1, key(&l1, 1, 1));
-        let (_, lease) = l1.lookup(m, 2, &[ChunkHash([1; 32])], true, 9);
+        let (_, lease) = l1.lookup(m, 2, &[ChunkHash([1; 32])], true, (9, TenantId::DEFAULT));
         l1.release_rank(lease.unwrap(), 0);
         assert_eq!(l1.usage().leases, 1);
         assert_eq!(l1.usage().pinned, 1);
         assert_eq!(l1.expire_leases(Instant::now()), 1);
         assert_eq!(l1.usage().pinned, 0);
-        let _ = l1.lookup(m, 2, &[ChunkHash([1; 32])], true, 9);
+        let _ = l1.lookup(m, 2, &[ChunkHash([1; 32])], true, (9, TenantId::DEFAULT));
         assert_eq!(l1.release_session(9), 1);
         assert_eq!(l1.usage().leases, 0);
+    }
+
+    #[test]
+    fn a_tenant_over_its_quota_evicts_its_own_objects_first_and_never_anothers() {
+        let l1 = L1Store::new(
+            Arena::new(16 * 4096, 16 * 4096, Box::new(kvcoord_memory::arena::HostSlabs)),
+            Duration::from_secs(10),
+        );
+        let (a, b) = (TenantId(1), TenantId(2));
+        l1.set_quotas(&[None, Some(3 * 4096), None]);
+        let m = l1.model_id("m", 1);
+        let k = |n: u8| ObjectKey { model: m, rank: 0, hash: ChunkHash([n; 32]) };
+        let put = |n: u8, t: TenantId| match l1.reserve_for(k(n), 4096, t).unwrap() {
+            Reservation::Write(w) => w.commit(),
+            _ => panic!("expected room for {n}"),
+        };
+        // b's objects are the oldest in L1; a fills its quota after them.
+        for n in 1..=4 {
+            put(n, b);
+        }
+        for n in 10..=12 {
+            put(n, a);
+        }
+        put(13, a);
+        assert!(l1.read(&k(10)).is_none(), "a's own least recent object went");
+        assert!((1..=4).all(|n| l1.read(&k(n)).is_some()), "b's older objects stayed");
+        let usage = l1.tenant_usage();
+        assert_eq!((usage[1].used, usage[1].evictions), (3 * 4096, 1));
+        assert_eq!((usage[2].used, usage[2].evictions), (4 * 4096, 0));
+        // Nothing of a's evictable (all leased): no space, still nobody else's.
+        let hashes: Vec<_> = [11, 12, 13].map(|n| ChunkHash([n; 32])).to_vec();
+        let (found, _lease) = l1.lookup(m, 1, &hashes, true, (7, a));
+        assert_eq!(found, 3);
+        assert!(matches!(l1.reserve_for(k(14), 4096, a).unwrap(), Reservation::NoSpace));
+        assert!(matches!(l1.reserve_for(k(15), 8 * 4096, a).unwrap(), Reservation::NoSpace), "larger than the quota");
+        assert_eq!(l1.usage().objects, 7);
+    }
+
+    #[test]
+    fn leases_are_random_and_carry_their_tenant() {
+        let l1 = L1Store::new(Arena::host(1 << 20), Duration::from_secs(10));
+        let m = l1.model_id("m", 1);
+        store(&l1, ObjectKey { model: m, rank: 0, hash: ChunkHash([1; 32]) });
+        let (_, x) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (1, TenantId(3)));
+        let (_, y) = l1.lookup(m, 1, &[ChunkHash([1; 32])], true, (1, TenantId(3)));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_ne!(x, y);
+        assert!(x.0 > u64::MAX as u128 || y.0 > u64::MAX as u128, "128 random bits (both below 2^64: p = 2^-128)");
+        assert_eq!(l1.lease_tenant(x), Some(TenantId(3)));
+        assert!(l1.release(x));
+        assert_eq!(l1.lease_tenant(x), None);
     }
 }

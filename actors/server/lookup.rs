@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use kvcoord_transport::{ChunkHash, LeaseId};
 
+use super::access::TenantId;
 use super::keys::{ModelId, ObjectKey, ObjectNamespace};
 use super::l1::{L1Store, RemoteHeld};
 use super::tier::Tier;
@@ -28,7 +29,8 @@ pub struct Lookup<'a> {
     pub world_size: u32,
     pub hashes: &'a [ChunkHash],
     pub lease: bool,
-    pub session: u64,
+    /// The asking session and its tenant (a lease is theirs).
+    pub who: (u64, TenantId),
     pub deadline: Instant,
 }
 
@@ -36,14 +38,14 @@ impl Lookup<'_> {
     /// How many leading chunks are held for every rank, in any tier; with
     /// `lease`, pins what of them is in L1.
     pub async fn run(self) -> (u32, Option<LeaseId>) {
-        let Lookup { l1, remote, model, world_size, hashes, lease, session, deadline } = self;
+        let Lookup { l1, remote, model, world_size, hashes, lease, who, deadline } = self;
         let Some((tier, namespace)) = remote else {
-            return l1.lookup(model, world_size, hashes, lease, session);
+            return l1.lookup(model, world_size, hashes, lease, who);
         };
-        let (local, _) = l1.lookup(model, world_size, hashes, false, session);
+        let (local, _) = l1.lookup(model, world_size, hashes, false, who);
         let from = local as usize;
         if from == hashes.len() {
-            return if lease { l1.lookup(model, world_size, hashes, true, session) } else { (local, None) };
+            return if lease { l1.lookup(model, world_size, hashes, true, who) } else { (local, None) };
         }
         let keys: Vec<ObjectKey> = hashes[from..]
             .iter()
@@ -55,6 +57,6 @@ impl Lookup<'_> {
         // wait even if its runtime were stuck.
         let probe = tier.probe(&namespace, &keys, probe_by);
         let held = tokio::time::timeout_at(tokio::time::Instant::from_std(probe_by), probe).await.unwrap_or_default();
-        l1.lookup_with(model, world_size, hashes, lease, session, Some(&RemoteHeld { from, held }))
+        l1.lookup_with(model, world_size, hashes, lease, who, Some(&RemoteHeld { from, held }))
     }
 }

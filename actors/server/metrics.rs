@@ -53,6 +53,28 @@ impl RemoteInstruments {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+/// One tenant's figures at scrape time (its counters and its share of L1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantFigures {
+    pub name: String,
+    pub lookup_asked_chunks: u64,
+    pub lookup_hit_chunks: u64,
+    pub bytes_stored: u64,
+    pub bytes_retrieved: u64,
+    pub evictions: u64,
+    pub l1_used: u64,
+    /// 0: no quota.
+    pub l1_quota: u64,
+}
+
+type TenantRead = fn(&TenantFigures) -> u64;
+type TenantDef = (&'static str, &'static str, TenantRead);
+
 /// Reads one figure out of the stats.
 type Read = fn(&ServerStats) -> u64;
 /// A metric's name, help text and where its value comes from.
@@ -68,6 +90,8 @@ pub struct Metrics {
     mirrors: Vec<Mirror>,
     levels: Vec<Level>,
     remote: RemoteInstruments,
+    tenant_mirrors: Vec<(Family<TenantLabels, Counter>, TenantRead)>,
+    tenant_levels: Vec<(Family<TenantLabels, Gauge>, TenantRead)>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -173,7 +197,48 @@ impl Metrics {
                 (g, get)
             })
             .collect();
-        Metrics { registry, requests, latency, mirrors, levels, remote }
+        let tenant_counter_defs: [TenantDef; 5] = [
+            ("tenant_lookup_asked_chunks", "Chunks asked for by a tenant's lookups", |t| t.lookup_asked_chunks),
+            ("tenant_lookup_hit_chunks", "Leading chunks a tenant's lookups found", |t| t.lookup_hit_chunks),
+            ("tenant_bytes_stored", "Bytes a tenant's stores copied into L1", |t| t.bytes_stored),
+            ("tenant_bytes_retrieved", "Bytes a tenant's retrieves copied out of L1", |t| t.bytes_retrieved),
+            ("tenant_evictions", "A tenant's L1 objects evicted (for its quota or for room)", |t| t.evictions),
+        ];
+        let tenant_mirrors = tenant_counter_defs
+            .into_iter()
+            .map(|(name, help, get)| {
+                let f = Family::<TenantLabels, Counter>::default();
+                registry.register(name, help, f.clone());
+                (f, get)
+            })
+            .collect();
+        let tenant_level_defs: [TenantDef; 2] = [
+            ("tenant_l1_used_bytes", "L1 bytes held by a tenant's objects", |t| t.l1_used),
+            ("tenant_l1_quota_bytes", "A tenant's L1 quota (0: none)", |t| t.l1_quota),
+        ];
+        let tenant_levels = tenant_level_defs
+            .into_iter()
+            .map(|(name, help, get)| {
+                let f = Family::<TenantLabels, Gauge>::default();
+                registry.register(name, help, f.clone());
+                (f, get)
+            })
+            .collect();
+        Metrics { registry, requests, latency, mirrors, levels, remote, tenant_mirrors, tenant_levels }
+    }
+
+    /// Brings the per-tenant metrics up to `tenants` (before a render).
+    pub fn update_tenants(&self, tenants: &[TenantFigures]) {
+        for t in tenants {
+            let labels = TenantLabels { tenant: t.name.clone() };
+            for (family, get) in &self.tenant_mirrors {
+                let c = family.get_or_create(&labels);
+                c.inc_by(get(t).saturating_sub(c.get()));
+            }
+            for (family, get) in &self.tenant_levels {
+                family.get_or_create(&labels).set(get(t).min(i64::MAX as u64) as i64);
+            }
+        }
     }
 
     /// What the remote tier records into this registry.

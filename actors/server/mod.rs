@@ -28,12 +28,17 @@
 //! - `state.rs`: what every actor reads (config, L1, routes); `counters.rs`,
 //!   `metrics.rs`: counts and Prometheus; `admin.rs`: the admin HTTP API.
 //! - `logsafe.rs`: client text escaped for logs, rate-limited warnings.
+//! - `access.rs`: who a connection is (peer uid, token -> tenant, admin role).
 //!
 //! Bounded resources at the door (this file): at most `max_connections`
 //! connections open (the next gets `Refused(Unavailable)`), accept failures
 //! back off with a rate-limited warning, and a connection has 5 s and one
-//! small frame to say hello (`handshake.rs`).
+//! small frame to say hello (`handshake.rs`). A TLS handshake, if any, runs
+//! in the connection's own task, never in the accept loop. The hello's
+//! credentials are checked (`access.rs`) before the welcome: a refused peer
+//! gets `Refused(Unauthorized)` and is closed.
 
+pub mod access;
 pub mod admin;
 pub mod copy_lane;
 pub mod counters;
@@ -64,14 +69,15 @@ use dashmap::DashMap;
 use kvcoord_memory::cuda::{CopyEngine, CopyMethod, CudaDevice, PinnedSlabs};
 use kvcoord_memory::Arena;
 use kvcoord_transport::endpoint::UnixSocketOptions;
-use kvcoord_transport::stream::{write_loop, FrameReader, FrameWriter};
+use kvcoord_transport::stream::write_loop;
 use kvcoord_transport::{
-    handshake, Endpoint, ErrorKind, Limits, Listener, ServerEpoch, ServerFrame, ServerStats, Welcome, WireError,
-    PROTOCOL_VERSION,
+    handshake, Endpoint, ErrorKind, Incoming, Limits, Listener, ServerEpoch, ServerFrame, ServerStats, Welcome,
+    WireError, PROTOCOL_VERSION,
 };
 use tokio::sync::watch;
 
-use crate::config::{BackendChoice, ServerConfig};
+use crate::config::{BackendChoice, ConfigError, ServerConfig};
+use access::{AccessTable, Principal, Transport};
 use counters::Counters;
 use l1::L1Store;
 use logsafe::{RateLimit, Sanitized};
@@ -162,6 +168,7 @@ impl Coordinator {
     /// an actix `System` (e.g. from `actix_rt::System::new().block_on`).
     pub async fn start(config: ServerConfig) -> Result<Coordinator, StartError> {
         config.validate()?;
+        let access = AccessTable::load(&config)?;
         let Backend { name: backend, devices } =
             pick_backend(config.backend, config.gpu_streams as usize, config.gpu_copy.method())?;
         let epoch = ServerEpoch::random();
@@ -181,6 +188,7 @@ impl Coordinator {
             );
         }
         let l1 = L1Store::new(arena, Duration::from_millis(config.lease_ttl_ms));
+        l1.set_quotas(&access.tenants().iter().map(|t| t.l1_quota).collect::<Vec<_>>());
         // The disk index is rebuilt before anything is served. This is the
         // only place that names the concrete tier: the rest knows a `Tier`.
         let local: Option<Arc<dyn Tier>> = match &config.disk_dir {
@@ -216,7 +224,17 @@ impl Coordinator {
         };
         let mut listeners = vec![Self::bind(&unix, &socket_opts).await?];
         if let Some(tcp) = &config.tcp {
-            listeners.push(Self::bind(&Endpoint::Tcp(tcp.clone()), &socket_opts).await?);
+            let listener = match (&config.tls_cert, &config.tls_key) {
+                (Some(cert), Some(key)) => {
+                    let acceptor = kvcoord_transport::tls::acceptor(cert, key)
+                        .map_err(|e| ConfigError { key: "tls_cert", why: e.to_string() })?;
+                    Listener::bind_tls(tcp, acceptor)
+                        .await
+                        .map_err(|source| StartError::Bind { endpoint: format!("tcp://{tcp} (tls)"), source })?
+                }
+                _ => Self::bind(&Endpoint::Tcp(tcp.clone()), &socket_opts).await?,
+            };
+            listeners.push(listener);
         }
         let endpoints: Vec<Endpoint> = listeners.iter().map(Listener::local_endpoint).collect();
         let shared = Arc::new(ServerShared {
@@ -224,6 +242,8 @@ impl Coordinator {
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             admin: std::sync::OnceLock::new(),
             tiers: Tiers { local, remote },
+            tenant_counters: access.tenants().iter().map(|_| Arc::default()).collect(),
+            access,
             epoch,
             config,
             backend,
@@ -348,28 +368,28 @@ async fn accept_loop(
     supervisor: Addr<Supervisor>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let max = shared.config.max_frame_bytes;
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut accept_warnings = RateLimit::new(1);
     let mut refusal_warnings = RateLimit::new(1);
     loop {
         let accepted = tokio::select! {
-            r = listener.accept(max) => r,
+            r = listener.accept_incoming() => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         match accepted {
-            Ok((reader, writer, peer)) => {
+            Ok(incoming) => {
                 backoff = ACCEPT_BACKOFF.0;
                 match ConnectionSlot::try_take(&shared) {
                     Some(slot) => {
-                        actix_rt::spawn(open_session(reader, writer, peer, slot, shared.clone(), supervisor.clone()));
+                        actix_rt::spawn(open_session(incoming, slot, shared.clone(), supervisor.clone()));
                     }
                     None => {
                         let limit = shared.config.max_connections;
                         if let Some(suppressed) = refusal_warnings.allow() {
+                            let peer = incoming.label();
                             tracing::warn!(peer, limit, suppressed, "connection refused: max_connections reached");
                         }
-                        actix_rt::spawn(refuse(reader, writer, limit));
+                        actix_rt::spawn(refuse(incoming, shared.config.max_frame_bytes, limit));
                     }
                 }
             }
@@ -387,7 +407,10 @@ async fn accept_loop(
 /// Tells a connection over the cap why it is closed, then closes it (after
 /// reading its hello, if it comes at once, so the refusal is not lost to a
 /// reset).
-async fn refuse(mut reader: FrameReader, mut writer: FrameWriter, limit: u32) {
+async fn refuse(incoming: Incoming, max_frame: u32, limit: u32) {
+    let Ok((mut reader, mut writer)) = incoming.into_frames(max_frame, Duration::from_millis(200)).await else {
+        return;
+    };
     let e = WireError::new(
         ErrorKind::Unavailable,
         format!("the coordinator has {limit} connections open, its limit (max_connections); try again later"),
@@ -402,14 +425,33 @@ async fn refuse(mut reader: FrameReader, mut writer: FrameWriter, limit: u32) {
 /// Handshake failures and bad first frames: at most this many logged a second.
 static HANDSHAKE_WARNINGS: parking_lot::Mutex<Option<RateLimit>> = parking_lot::Mutex::new(None);
 
+/// Logs a failed handshake, rate-limited.
+fn handshake_failed(peer: &str, error: &dyn std::fmt::Display) {
+    let allowed = HANDSHAKE_WARNINGS.lock().get_or_insert_with(|| RateLimit::new(10)).allow();
+    if let Some(suppressed) = allowed {
+        tracing::info!(peer, error = %error, suppressed, "handshake failed");
+    }
+}
+
 async fn open_session(
-    mut reader: FrameReader,
-    mut writer: FrameWriter,
-    peer: String,
+    incoming: Incoming,
     slot: ConnectionSlot,
     shared: Arc<ServerShared>,
     supervisor: Addr<Supervisor>,
 ) {
+    let peer = incoming.label();
+    let transport = match incoming.credentials() {
+        Some(c) => Transport::Unix(c),
+        None => Transport::Tcp,
+    };
+    let handshake_limit = Duration::from_secs(5);
+    let (mut reader, mut writer) = match incoming.into_frames(shared.config.max_frame_bytes, handshake_limit).await {
+        Ok(frames) => frames,
+        Err(e) => {
+            handshake_failed(&peer, &e);
+            return;
+        }
+    };
     let welcome = Welcome {
         protocol: PROTOCOL_VERSION,
         epoch: shared.epoch,
@@ -419,26 +461,34 @@ async fn open_session(
             max_chunks_per_request: shared.config.max_chunks_per_request,
         },
         server: format!("kvcoord/{}", env!("CARGO_PKG_VERSION")),
+        tenant: String::new(),
+        admin: false,
     };
     if shared.is_shutting_down() {
         let e = WireError::new(ErrorKind::ShuttingDown, "the coordinator is shutting down");
         let _ = writer.send(&ServerFrame::Refused(e)).await;
         return;
     }
-    let hello = match handshake::welcome(&mut reader, &mut writer, &welcome, Duration::from_secs(5)).await {
-        Ok(h) => h,
-        Err(e) => {
-            let allowed = HANDSHAKE_WARNINGS.lock().get_or_insert_with(|| RateLimit::new(10)).allow();
-            if let Some(suppressed) = allowed {
-                tracing::info!(peer, error = %e, suppressed, "handshake failed");
-            }
-            return;
-        }
+    let admit = |hello: &kvcoord_transport::Hello| -> Result<(Welcome, Principal), WireError> {
+        let who = shared.access.admit(hello, transport)?;
+        let tenant = shared.access.tenant(who.tenant).name.clone();
+        Ok((Welcome { tenant, admin: who.admin, ..welcome }, who))
     };
+    let (hello, principal) =
+        match handshake::welcome_with(&mut reader, &mut writer, PROTOCOL_VERSION, admit, handshake_limit).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                handshake_failed(&peer, &e);
+                return;
+            }
+        };
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     Counters::add(&shared.counters.connections, 1);
-    tracing::info!(session = id, peer, client = %Sanitized(&hello.client), "client connected");
+    let tenant = &shared.access.tenant(principal.tenant).name;
+    tracing::info!(
+        session = id, peer, client = %Sanitized(&hello.client), tenant, admin = principal.admin, "client connected"
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(shared.config.max_in_flight_per_session as usize);
     actix_rt::spawn(write_loop(writer, rx));
-    Session::start(id, peer, reader, tx, slot, shared, supervisor);
+    Session::start(id, principal, peer, reader, tx, slot, shared, supervisor);
 }

@@ -27,6 +27,7 @@ use kvcoord_transport::stream::{FrameReader, OutFrame};
 use kvcoord_transport::{ClientFrame, ErrorKind, Reply, Request, ServerFrame, WireError};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::access::Principal;
 use super::logsafe::RateLimit;
 use super::requests;
 use super::state::{ConnectionSlot, InFlight, ServerShared};
@@ -39,6 +40,8 @@ const WARNINGS_PER_SECOND: u32 = 5;
 
 pub struct Session {
     id: u64,
+    /// Who the connection's credentials say it is.
+    principal: Principal,
     peer: String,
     shared: Arc<ServerShared>,
     supervisor: Addr<Supervisor>,
@@ -52,8 +55,10 @@ pub struct Session {
 
 impl Session {
     /// Starts a session over a connection that has completed its handshake.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         id: u64,
+        principal: Principal,
         peer: String,
         reader: FrameReader,
         out: mpsc::Sender<OutFrame>,
@@ -74,6 +79,7 @@ impl Session {
             ctx.add_stream(frames);
             Session {
                 id,
+                principal,
                 peer,
                 shared,
                 supervisor,
@@ -119,8 +125,8 @@ impl Session {
     }
 
     fn serve(&self, req: Request, fds: Vec<OwnedFd>, permit: OwnedSemaphorePermit) {
-        let (shared, supervisor, out, session) =
-            (self.shared.clone(), self.supervisor.clone(), self.out.clone(), self.id);
+        let (shared, supervisor, out, session, who) =
+            (self.shared.clone(), self.supervisor.clone(), self.out.clone(), self.id, self.principal);
         let in_flight = InFlight::new(&shared);
         let serving = self.serving.clone();
         serving.fetch_add(1, Ordering::AcqRel);
@@ -129,7 +135,7 @@ impl Session {
             let id = req.id;
             let op = req.body.op();
             let started = std::time::Instant::now();
-            let result = requests::serve(&shared, &supervisor, session, req, fds).await;
+            let result = requests::serve(&shared, &supervisor, (session, who), req, fds).await;
             shared.metrics.record(op, result.as_ref().map(|_| ()), started.elapsed());
             if let Err(e) = &result {
                 tracing::debug!(session, op, error = %e, "request failed");

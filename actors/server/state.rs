@@ -14,7 +14,8 @@ use actix::Addr;
 use dashmap::DashMap;
 use kvcoord_transport::{InstanceKey, ServerEpoch};
 
-use super::counters::Counters;
+use super::access::{AccessTable, TenantId};
+use super::counters::{Counters, TenantCounters};
 use super::instance::InstanceActor;
 use super::keys::{ModelId, ObjectNamespace};
 use super::l1::L1Store;
@@ -33,6 +34,10 @@ pub struct InstanceRoute {
     pub namespace: Arc<ObjectNamespace>,
     /// Milliseconds after server start of the instance's last request.
     pub last_seen: Arc<AtomicU64>,
+    /// The session that owns it now (the supervisor moves it on a re-attach).
+    pub owner: Arc<AtomicU64>,
+    /// The tenant it was registered by.
+    pub tenant: TenantId,
 }
 
 impl InstanceRoute {
@@ -67,6 +72,10 @@ pub struct ServerShared {
     pub admin: OnceLock<String>,
     /// The tiers below L1 (disk, remote), as configured.
     pub tiers: Tiers,
+    /// Tenants, tokens and who may use the socket.
+    pub access: AccessTable,
+    /// Per-tenant counters (index: tenant id).
+    pub tenant_counters: Vec<Arc<TenantCounters>>,
 }
 
 impl ServerShared {
@@ -79,6 +88,11 @@ impl ServerShared {
     /// lookups by model name from processes that registered nothing.
     pub fn namespace_of(&self, model: ModelId, world_size: u32) -> Option<Arc<ObjectNamespace>> {
         self.routes.iter().find(|r| r.model == model && r.world_size == world_size).map(|r| r.namespace.clone())
+    }
+
+    /// `tenant`'s counters.
+    pub fn tenant_counters(&self, tenant: TenantId) -> &Arc<TenantCounters> {
+        &self.tenant_counters[tenant.0 as usize]
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -12,6 +12,12 @@
 //! - A closed session's instances are reclaimed after the grace period unless
 //!   a new connection registers them again first.
 //!
+//! Ownership: an instance belongs to the session that registered it. Its
+//! register returns a random secret; another session of the same tenant that
+//! presents it takes the instance over (a client reconnecting), any other
+//! register of the key, and any unregister not from the owner, is
+//! `PermissionDenied`.
+//!
 //! It must never run copies or answer data-path requests itself.
 
 use std::collections::HashMap;
@@ -21,17 +27,19 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use kvcoord_transport::{
-    ErrorKind, FaultTarget, InstanceKey, InstanceStatus, RegisterKvCache, RemoteStatus, ReplyBody, ServerStats,
-    StatusReport, WireError,
+    ErrorKind, FaultTarget, InstanceKey, InstanceSecret, InstanceStatus, RegisterKvCache, RemoteStatus, ReplyBody,
+    ServerStats, StatusReport, WireError,
 };
+use subtle::ConstantTimeEq;
 
 use kvcoord_memory::cuda::CudaDevice;
 use kvcoord_memory::MemoryHandle;
 
+use super::access::TenantId;
 use super::copy_lane::{CopyLane, Crash, MemoryIdentity, OpenMemory};
 use super::counters::Counters;
 use super::instance::{CrashInstance, DataPath, InstanceActor, Retire};
-use super::keys::{LayoutFingerprint, ModelId, ObjectNamespace};
+use super::keys::{qualified_model, LayoutFingerprint, ModelId, ObjectNamespace};
 use super::routing::{route, LaneKind};
 use super::state::{InstanceRoute, ServerShared};
 use super::supervision::ChildExited;
@@ -49,6 +57,10 @@ struct InstanceEntry {
     addr: Addr<InstanceActor>,
     generation: u64,
     owner: u64,
+    /// The route's copy of `owner`, read by sessions on every request.
+    owner_cell: Arc<std::sync::atomic::AtomicU64>,
+    tenant: TenantId,
+    secret: InstanceSecret,
     orphaned: bool,
     lane: usize,
     model_name: String,
@@ -73,12 +85,15 @@ pub struct Register {
     pub request: RegisterKvCache,
     pub fd: Option<OwnedFd>,
     pub session: u64,
+    pub tenant: TenantId,
 }
 
+/// Unregister one instance (from session `session`, which must own it).
 #[derive(Message)]
 #[rtype(result = "Result<ReplyBody, WireError>")]
 pub struct Unregister {
     pub key: InstanceKey,
+    pub session: u64,
 }
 
 /// A session's connection closed.
@@ -194,6 +209,9 @@ fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireErro
     if r.model.is_empty() {
         return Err(invalid("model name is empty"));
     }
+    if r.model.contains('\0') {
+        return Err(invalid("a model name may not contain NUL"));
+    }
     r.layout.validate().map_err(|e| invalid(e.to_string()))?;
     let per_chunk = r.layout.blocks_per_chunk(chunk_tokens).map_err(|e| invalid(e.to_string()))?;
     if r.layout.chunk_object_bytes(per_chunk) > kvcoord_memory::arena::MAX_SLAB_BYTES {
@@ -219,7 +237,20 @@ impl Handler<Register> for Supervisor {
         if let Err(e) = check_register(&r, self.shared.config.chunk_tokens) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
         }
+        let (session, tenant) = (msg.session, msg.tenant);
         if let Some(e) = self.instances.get(&key) {
+            let holds_secret = r.secret.is_some_and(|s| bool::from(s.0.ct_eq(&e.secret.0)));
+            if e.tenant != tenant || (e.owner != session && !holds_secret) {
+                let err = WireError::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "instance {}/{} is registered by another session; only its owner, or a new connection \
+                         of the same tenant presenting its secret, may register it",
+                        key.engine, key.rank
+                    ),
+                );
+                return AtomicResponse::new(Box::pin(fut::ready(Err(err))));
+            }
             if e.layout != r.layout || e.model_name != r.model || e.world_size != r.world_size {
                 let err = WireError::new(
                     ErrorKind::LayoutMismatch,
@@ -240,7 +271,6 @@ impl Handler<Register> for Supervisor {
             },
         };
         let open = self.lanes[lane].addr.send(OpenMemory { layout: r.layout, handle: r.memory.clone(), fd: msg.fd });
-        let session = msg.session;
         AtomicResponse::new(Box::pin(
             async move { open.await.map_err(|_| WireError::new(ErrorKind::Unavailable, "copy lane restarted")) }
                 .into_actor(self)
@@ -249,16 +279,19 @@ impl Handler<Register> for Supervisor {
                     if let Some(e) = act.instances.get_mut(&key) {
                         if e.identity == identity {
                             e.owner = session;
+                            e.owner_cell.store(session, std::sync::atomic::Ordering::Release);
                             e.orphaned = false;
                             Counters::add(&act.shared.counters.reregistrations, 1);
                             tracing::info!(engine = key.engine, rank = key.rank, session, "instance registered again");
-                            return Ok(ReplyBody::Registered { already: true });
+                            return Ok(ReplyBody::Registered { already: true, secret: e.secret });
                         }
                         act.drop_instance(&key, "registered again with new memory");
                     }
-                    let model: ModelId = act.shared.l1.model_id(&r.model, r.world_size);
+                    // The tenant's namespace is part of the model's id, so of every object key.
+                    let qualified = qualified_model(&act.shared.access.tenant(tenant).namespace, &r.model);
+                    let model: ModelId = act.shared.l1.model_id(&qualified, r.world_size);
                     let namespace = Arc::new(ObjectNamespace {
-                        model: Arc::from(r.model.as_str()),
+                        model: Arc::from(&*qualified),
                         world_size: r.world_size,
                         layout: LayoutFingerprint::of(&r.layout, act.shared.config.chunk_tokens),
                     });
@@ -274,6 +307,8 @@ impl Handler<Register> for Supervisor {
                             l1: act.shared.l1.clone(),
                             tiers: act.shared.tiers.clone(),
                             counters: act.shared.counters.clone(),
+                            tenant,
+                            tenant_counters: act.shared.tenant_counters(tenant).clone(),
                         },
                         ctx.address().recipient(),
                         generation,
@@ -281,6 +316,7 @@ impl Handler<Register> for Supervisor {
                     let addr = actor.start();
                     let seen = act.shared.started.elapsed().as_millis() as u64;
                     let last_seen = Arc::new(std::sync::atomic::AtomicU64::new(seen));
+                    let owner_cell = Arc::new(std::sync::atomic::AtomicU64::new(session));
                     let route = InstanceRoute {
                         addr: addr.clone(),
                         model,
@@ -288,7 +324,10 @@ impl Handler<Register> for Supervisor {
                         rank: key.rank,
                         namespace,
                         last_seen: last_seen.clone(),
+                        owner: owner_cell.clone(),
+                        tenant,
                     };
+                    let secret = InstanceSecret::random();
                     act.shared.routes.insert(key, route);
                     act.shared.mapped_bytes.fetch_add(r.layout.total_bytes(), std::sync::atomic::Ordering::Relaxed);
                     Counters::add(&act.shared.counters.registrations, 1);
@@ -298,6 +337,9 @@ impl Handler<Register> for Supervisor {
                             addr,
                             generation,
                             owner: session,
+                            owner_cell,
+                            tenant,
+                            secret,
                             orphaned: false,
                             lane,
                             model_name: r.model.clone(),
@@ -311,7 +353,7 @@ impl Handler<Register> for Supervisor {
                         engine = key.engine, rank = key.rank, model = %super::logsafe::Sanitized(&r.model), world_size = r.world_size,
                         session, lane, bytes = r.layout.total_bytes(), "instance registered"
                     );
-                    Ok(ReplyBody::Registered { already: false })
+                    Ok(ReplyBody::Registered { already: false, secret })
                 }),
         ))
     }
@@ -320,8 +362,15 @@ impl Handler<Register> for Supervisor {
 impl Handler<Unregister> for Supervisor {
     type Result = Result<ReplyBody, WireError>;
     fn handle(&mut self, msg: Unregister, _: &mut Self::Context) -> Self::Result {
-        if !self.instances.contains_key(&msg.key) {
-            return Err(WireError::new(ErrorKind::NotRegistered, "instance is not registered"));
+        match self.instances.get(&msg.key) {
+            None => return Err(WireError::new(ErrorKind::NotRegistered, "instance is not registered")),
+            Some(e) if e.owner != msg.session => {
+                return Err(WireError::new(
+                    ErrorKind::PermissionDenied,
+                    "the instance belongs to another session; only its owner may unregister it",
+                ))
+            }
+            Some(_) => {}
         }
         self.drop_instance(&msg.key, "unregistered");
         Ok(ReplyBody::Unregistered)
@@ -497,6 +546,7 @@ impl Handler<GetStatus> for Supervisor {
             admin: self.shared.admin.get().cloned(),
             instances,
             stats,
+            instances_hidden: false,
             remote: self.shared.tiers.remote.as_ref().and_then(|t| t.health()).map(|h| RemoteStatus {
                 endpoint: h.endpoint,
                 up: h.up,

@@ -153,8 +153,13 @@ impl BlockingClient {
     pub fn wait_connected(&self, wait: Duration) -> Result<ServerEpoch, RequestError> {
         let mut link = self.client.link();
         self.block_on(async move {
-            match tokio::time::timeout(wait, link.wait_for(|s| s.closed || s.connection.is_some())).await {
+            let settled = |s: &kvcoord_transport::LinkState| s.closed || s.connection.is_some() || s.refused.is_some();
+            match tokio::time::timeout(wait, link.wait_for(settled)).await {
                 Ok(Ok(s)) if s.closed => Err(RequestError::Closed),
+                // Refused for good (a wrong token): say so, do not wait on.
+                Ok(Ok(s)) if s.connection.is_none() && s.refused.is_some() => {
+                    Err(RequestError::Server(s.refused.clone().expect("checked")))
+                }
                 Ok(Ok(s)) => s.epoch.ok_or(RequestError::Disconnected),
                 Ok(Err(_)) => Err(RequestError::Closed),
                 Err(_) => Err(RequestError::Disconnected),

@@ -116,7 +116,7 @@ impl Client {
     /// Starts connecting in the background and returns at once. Must be
     /// called inside a tokio runtime (an actix `System` is one).
     pub fn start(cfg: ClientConfig) -> Client {
-        let link = ReconnectingClient::start(cfg.endpoint.clone(), cfg.reconnect.clone());
+        let link = ReconnectingClient::start(cfg.endpoint.clone(), cfg.reconnect_options());
         let registrations = Registrations::new(cfg.register_timeout);
         let core = Arc::new(Core { cfg, link, registrations });
         tokio::spawn(reregister_on_new_connection(Arc::downgrade(&core), core.link.subscribe()));
@@ -141,7 +141,7 @@ impl Client {
     pub async fn register(&self, request: RegisterKvCache, fd: Option<BorrowedFd<'_>>) -> Result<bool, RequestError> {
         let fd = fd.map(|f| f.try_clone_to_owned()).transpose().map_err(|e| RequestError::Encode(e.to_string()))?;
         let conn = self.core.link.connection(self.core.cfg.register_timeout).await?;
-        self.core.registrations.add(&conn, Registration { request, fd }).await
+        self.core.registrations.add(&conn, Registration::new(request, fd)).await
     }
 
     /// Unregisters and forgets a registration.

@@ -1,12 +1,15 @@
-//! Client settings: where the coordinator is and how long each kind of
-//! request may take. Plain data; nothing here talks to the network.
+//! Client settings: where the coordinator is, the credentials to present,
+//! and how long each kind of request may take. Plain data; nothing here
+//! talks to the network.
 
+use std::path::Path;
 use std::time::Duration;
 
+use kvcoord_transport::tls::ClientTls;
 use kvcoord_transport::{Endpoint, ErrorKind, ReconnectOptions, WireError};
 
 /// Client settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     pub endpoint: Endpoint,
     pub reconnect: ReconnectOptions,
@@ -17,6 +20,27 @@ pub struct ClientConfig {
     pub register_timeout: Duration,
     /// How long a request waits for a connection before failing fast.
     pub disconnected_wait: Duration,
+    /// The token presented in the handshake (a tenant's, or the admin's):
+    /// required over TCP, optional on the Unix socket. Overrides
+    /// `reconnect.connect.token`.
+    pub token: Option<String>,
+    /// TLS for a TCP endpoint, trusting only the given CAs (see
+    /// [`ClientConfig::with_tls_ca`]). Overrides `reconnect.connect.tls`.
+    pub tls: Option<ClientTls>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoint", &self.endpoint)
+            .field("reconnect", &self.reconnect)
+            .field("request_timeout", &self.request_timeout)
+            .field("register_timeout", &self.register_timeout)
+            .field("disconnected_wait", &self.disconnected_wait)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -27,7 +51,37 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             register_timeout: Duration::from_secs(30),
             disconnected_wait: Duration::from_millis(20),
+            token: None,
+            tls: None,
         }
+    }
+
+    /// Presents `token` in the handshake.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Speaks TLS to a TCP endpoint, verifying the server's certificate
+    /// against the CA certificates (PEM) in `ca` only. A CA file that cannot
+    /// be read or holds no certificate is `InvalidArgument`.
+    pub fn with_tls_ca(mut self, ca: &Path) -> Result<Self, WireError> {
+        let tls = kvcoord_transport::tls::client_config(ca)
+            .map_err(|e| WireError::new(ErrorKind::InvalidArgument, format!("TLS CA: {e}")))?;
+        self.tls = Some(tls);
+        Ok(self)
+    }
+
+    /// The connection options with this configuration's credentials.
+    pub fn reconnect_options(&self) -> ReconnectOptions {
+        let mut r = self.reconnect.clone();
+        if self.token.is_some() {
+            r.connect.token.clone_from(&self.token);
+        }
+        if self.tls.is_some() {
+            r.connect.tls.clone_from(&self.tls);
+        }
+        r
     }
 }
 

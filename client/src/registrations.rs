@@ -10,6 +10,11 @@
 //! and only the first one re-registers. Nothing else (a miss, out of memory,
 //! a bad argument, a timeout) ever triggers registration.
 //!
+//! Each register's reply carries the instance's secret; it is kept and
+//! presented by the next register of the instance, so a new connection to
+//! the same server (same epoch) takes the instance over from the old one.
+//! After a restart the server knows no secret and registers afresh.
+//!
 //! This module must never send anything but register requests.
 
 use std::collections::BTreeMap;
@@ -18,13 +23,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use kvcoord_transport::{Connection, InstanceKey, RegisterKvCache, ReplyBody, RequestBody, RequestError};
+use kvcoord_transport::{
+    Connection, InstanceKey, InstanceSecret, RegisterKvCache, ReplyBody, RequestBody, RequestError,
+};
 
 /// One registration, kept so it can be sent again.
 pub struct Registration {
     pub request: RegisterKvCache,
     /// The host backend's memfd (duplicated for every send).
     pub fd: Option<OwnedFd>,
+    /// The secret the last register's reply gave.
+    secret: parking_lot::Mutex<Option<InstanceSecret>>,
+}
+
+impl Registration {
+    pub fn new(request: RegisterKvCache, fd: Option<OwnedFd>) -> Self {
+        let secret = parking_lot::Mutex::new(request.secret);
+        Registration { request, fd, secret }
+    }
 }
 
 struct Registered {
@@ -75,8 +91,13 @@ impl Registrations {
             Some(fd) => vec![fd.try_clone().map_err(|e| RequestError::Encode(format!("dup memfd: {e}")))?],
             None => Vec::new(),
         };
-        match conn.request(RequestBody::Register(reg.request.clone()), self.timeout, fds).await? {
-            ReplyBody::Registered { already } => Ok(already),
+        let mut request = reg.request.clone();
+        request.secret = *reg.secret.lock();
+        match conn.request(RequestBody::Register(request), self.timeout, fds).await? {
+            ReplyBody::Registered { already, secret } => {
+                *reg.secret.lock() = Some(secret);
+                Ok(already)
+            }
             other => Err(RequestError::Encode(format!("unexpected reply to register: {other:?}"))),
         }
     }

@@ -36,6 +36,8 @@ impl FakeServer {
                         chunk_tokens: 256,
                         limits: Limits { max_frame_bytes: DEFAULT_MAX_FRAME_BYTES, max_chunks_per_request: 64 },
                         server: "fake".into(),
+                        tenant: "default".into(),
+                        admin: false,
                     };
                     if handshake::welcome(&mut r, &mut w, &welcome, Duration::from_secs(1)).await.is_err() {
                         return;

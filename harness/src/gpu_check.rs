@@ -29,6 +29,9 @@ use kvcoord_transport::{ChunkHash, InstanceKey, RetrieveOutcome, StoreOutcome};
 
 use crate::child::{wait_listening, Server};
 
+/// The environment variable a worker process reads the run's admin token from.
+const ADMIN_TOKEN_ENV: &str = "KVCOORD_GPU_CHECK_ADMIN_TOKEN";
+
 const CHUNK_TOKENS: u32 = 256;
 const MODEL: &str = "gpu-check-model";
 
@@ -207,7 +210,12 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
     let l1_arg = format!("{}MiB", l1 >> 20);
     let streams = args.gpu_streams.to_string();
     let copy = format!("{:?}", args.gpu_copy).to_lowercase();
+    // Rank 0 clears L1 between rounds: a privileged request, so the workers
+    // connect with this run's admin token (given to them in the environment).
+    let admin_token = format!("{:032x}", rand::random::<u128>());
     let server_args = [
+        "--admin-token",
+        &admin_token,
         "--backend",
         "cuda",
         "--l1-size",
@@ -242,6 +250,7 @@ fn check(args: GpuCheckArgs) -> Result<bool, String> {
             .args(["--world-size", &args.procs.to_string(), "--device", &device.to_string()])
             .args(["--chunks", &args.chunks.to_string(), "--inflight", &args.inflight.to_string()])
             .args(["--rounds", &args.rounds.to_string()])
+            .env(ADMIN_TOKEN_ENV, &admin_token)
             .args(if args.no_ready_event { &["--no-ready-event"][..] } else { &[][..] })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -378,7 +387,9 @@ async fn worker_phases(args: GpuWorkerArgs) -> Result<(), String> {
     let key = InstanceKey { engine: args.engine, rank: args.rank };
     let chunks = args.chunks as usize;
     let layout = vllm_like_layout(((2 * chunks + 8) * 16) as u32);
-    let client = Client::start(ClientConfig::new(kvcoord_transport::Endpoint::Unix(args.socket.clone())));
+    let mut config = ClientConfig::new(kvcoord_transport::Endpoint::Unix(args.socket.clone()));
+    config.token = std::env::var(ADMIN_TOKEN_ENV).ok();
+    let client = Client::start(config);
     let staging_bytes = layout.chunk_object_bytes(16) as usize * chunks;
     let blocks = GpuBlocks::allocate(device, layout, staging_bytes).map_err(|e| e.to_string())?;
     let mut w = TpWorker::register_blocks(client, blocks, key, (MODEL, args.world_size), CHUNK_TOKENS)

@@ -63,6 +63,7 @@ impl<B: BlockAccess> TpWorker<B> {
             world_size,
             layout: *blocks.layout(),
             memory: blocks.memory_handle(),
+            secret: None,
         };
         client.register(request, blocks.memory_fd()).await?;
         let rng = rand::rngs::StdRng::seed_from_u64(key.engine ^ key.rank as u64);

@@ -82,7 +82,9 @@ class Instance:
 class Client:
     """A connection to a coordinator."""
 
-    def __init__(self, endpoint: str, *, token: str | None = None, timeout: float = 10.0) -> None: ...
+    def __init__(
+        self, endpoint: str, *, token: str | None = None, timeout: float = 10.0, tls_ca: str | None = None
+    ) -> None: ...
     def register(
         self,
         *,

@@ -41,7 +41,9 @@ pyo3::create_exception!(
     kvcoord,
     PermissionDenied,
     Error,
-    "The coordinator refused the request (the wire's Unauthorized)."
+    "The coordinator refused the connection or request: a missing or wrong token, a uid it does not \
+     allow (the wire's Unauthorized), or an instance, lease or privileged operation that is not this \
+     client's (PermissionDenied); also a coordinator whose uid this client does not trust with its memory."
 );
 pyo3::create_exception!(kvcoord, ProtocolMismatch, Error, "Client and coordinator speak different protocol versions.");
 pyo3::create_exception!(kvcoord, ShuttingDown, Error, "The coordinator (or this client) is shutting down or closed.");
@@ -66,6 +68,7 @@ fn wire_err(e: &WireError) -> PyErr {
         ErrorKind::ProtocolMismatch => ProtocolMismatch::new_err(msg),
         ErrorKind::ShuttingDown => ShuttingDown::new_err(msg),
         ErrorKind::Internal => Internal::new_err(msg),
+        ErrorKind::PermissionDenied => PermissionDenied::new_err(msg),
     };
     Python::attach(|py| {
         let v = err.value(py);
@@ -193,7 +196,7 @@ impl Transfer {
     }
 }
 
-type LookupOut = Result<(u32, Option<u64>), RequestError>;
+type LookupOut = Result<(u32, Option<u128>), RequestError>;
 
 /// A lookup in flight (`Client.lookup_async`): `done()`, `wait()`, `result()`.
 #[pyclass(module = "kvcoord", frozen)]
@@ -213,7 +216,7 @@ impl Lookup {
     }
 
     /// `(hit_chunks, lease)`, waiting if needed; raises the typed error.
-    fn result(&self, py: Python<'_>) -> PyResult<(u32, Option<u64>)> {
+    fn result(&self, py: Python<'_>) -> PyResult<(u32, Option<u128>)> {
         self.reply.result(py)?.map_err(|e| request_err(&e))
     }
 
@@ -271,23 +274,34 @@ fn event_handle(e: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 #[pymethods]
 impl Client {
     /// Connects to the coordinator at `endpoint` (`unix:///path` or
-    /// `tcp://host:port`), waiting at most `timeout` seconds, which is also
-    /// every request's deadline. Raises `Unavailable` if it cannot connect.
+    /// `tcp://host:port`), presenting `token` (a tenant's or the admin's;
+    /// required over TCP), over TLS trusting the CA certificates of the PEM
+    /// file `tls_ca` (TCP only), waiting at most `timeout` seconds, which is
+    /// also every request's deadline. Raises `PermissionDenied` if the
+    /// coordinator refuses the credentials, `Unavailable` if it cannot connect.
     #[new]
-    #[pyo3(signature = (endpoint, *, token=None, timeout=10.0))]
-    fn new(py: Python<'_>, endpoint: &str, token: Option<&str>, timeout: f64) -> PyResult<Self> {
-        if token.is_some() {
-            return Err(invalid(
-                "token authentication is not supported by this coordinator yet; pass token=None \
-                 (and reach the coordinator over a Unix socket only your user can open)",
-            ));
-        }
+    #[pyo3(signature = (endpoint, *, token=None, timeout=10.0, tls_ca=None))]
+    fn new(
+        py: Python<'_>,
+        endpoint: &str,
+        token: Option<String>,
+        timeout: f64,
+        tls_ca: Option<std::path::PathBuf>,
+    ) -> PyResult<Self> {
         let timeout = seconds("timeout", timeout)?;
         let mut cfg = ClientConfig::new(parse_endpoint(endpoint).map_err(|e| wire_err(&e))?);
         cfg.request_timeout = timeout;
         cfg.register_timeout = timeout;
+        cfg.token = token;
+        if let Some(ca) = tls_ca {
+            cfg = cfg.with_tls_ca(&ca).map_err(|e| wire_err(&e))?;
+        }
         let inner = BlockingClient::start(cfg, 1).map_err(|e| invalid(format!("cannot start the client: {e}")))?;
         if let Err(e) = py.detach(|| inner.wait_connected(timeout)) {
+            if let RequestError::Server(refusal) = &e {
+                inner.close();
+                return Err(wire_err(refusal));
+            }
             let why = inner.client().link().borrow().last_error.clone().unwrap_or_else(|| e.to_string());
             inner.close();
             return Err(wire_err(&WireError::new(
@@ -331,8 +345,14 @@ impl Client {
         let descs = tensors.iter().enumerate().map(|(i, t)| describe(i, t)).collect::<PyResult<Vec<_>>>()?;
         let (layout, memory) = kv_cache(&descs, block_tokens, &REGIONS).map_err(|e| wire_err(&e))?;
         let key = InstanceKey { engine, rank };
-        let request =
-            RegisterKvCache { instance: key, model: model.clone(), world_size, layout, memory: memory.handle() };
+        let request = RegisterKvCache {
+            instance: key,
+            model: model.clone(),
+            world_size,
+            layout,
+            memory: memory.handle(),
+            secret: None,
+        };
         let inner = self.inner.clone();
         let region = match &memory {
             KvCacheMemory::Host(r) => Some(r.clone()),
@@ -354,7 +374,7 @@ impl Client {
         world_size: u32,
         hashes: Vec<Vec<u8>>,
         lease: bool,
-    ) -> PyResult<(u32, Option<u64>)> {
+    ) -> PyResult<(u32, Option<u128>)> {
         let pending = self.lookup_async(model, world_size, hashes, lease)?;
         pending.result(py)
     }
@@ -374,7 +394,7 @@ impl Client {
     }
 
     /// Releases a lease that will not be retrieved with.
-    fn release_lease(&self, py: Python<'_>, lease: u64) -> PyResult<()> {
+    fn release_lease(&self, py: Python<'_>, lease: u128) -> PyResult<()> {
         py.detach(|| self.inner.release_lease(LeaseId(lease))).map_err(|e| request_err(&e))
     }
 
@@ -475,7 +495,7 @@ impl Instance {
         &self,
         hashes: Vec<Vec<u8>>,
         block_ids: Vec<u32>,
-        lease: Option<u64>,
+        lease: Option<u128>,
         done_event: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Transfer> {
         let done_event = done_event.map(event_handle).transpose()?;

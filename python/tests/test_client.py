@@ -175,7 +175,8 @@ def test_bad_inputs_raise_typed_errors_and_the_server_keeps_serving(server: Serv
 
     expect(kvcoord.InvalidArgument, lambda: kvcoord.Client("/no/scheme.sock"), says="expected unix:///")
     expect(kvcoord.InvalidArgument, lambda: kvcoord.Client("tcp://localhost"), says="expected unix:///")
-    expect(kvcoord.InvalidArgument, lambda: kvcoord.Client(server.endpoint, token="secret"), says="token authentication")
+    e = expect(kvcoord.PermissionDenied, lambda: kvcoord.Client(server.endpoint, token="secret"), says="wrong token")
+    assert not e.retriable and e.kind == "unauthorized"
     expect(kvcoord.InvalidArgument, lambda: kvcoord.Client(server.endpoint, timeout=0))
 
     # The same server still serves another client, and this one.
@@ -269,15 +270,25 @@ def test_shared_tensor_is_zeroed_and_released_with_its_last_view() -> None:
     expect(kvcoord.InvalidArgument, lambda: kvcoord.shared_tensor((0, 4), torch.float32))
 
 
-def test_the_kvcoord_command_serves_and_shows_status(server: Server) -> None:
-    with kvcoord.Client(server.endpoint) as c:
-        register(c, engine=0xABC)
-        out = subprocess.run(
-            [kvcoord_command(), "status", "--socket", str(server.socket)], capture_output=True, text=True, timeout=30
-        )
-        assert out.returncode == 0, out.stderr
-        assert f"{c.epoch:016x}" in out.stdout
-        assert "0000000000000abc" in out.stdout
+def test_the_kvcoord_command_serves_and_shows_status(tmp_path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("python-admin-token-0123456789\n")
+    server = Server(tmp_path, "--admin-token-file", str(token))
+    status = [kvcoord_command(), "status", "--socket", str(server.socket)]
+    try:
+        with kvcoord.Client(server.endpoint) as c:
+            register(c, engine=0xABC)
+            out = subprocess.run(status, capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            assert f"{c.epoch:016x}" in out.stdout
+            assert "hidden" in out.stdout and "0000000000000abc" not in out.stdout, "instances need the admin token"
+            out = subprocess.run(
+                status + ["--admin-token-file", str(token)], capture_output=True, text=True, timeout=30
+            )
+            assert out.returncode == 0, out.stderr
+            assert "0000000000000abc" in out.stdout
+    finally:
+        server.kill()
     version = subprocess.run([kvcoord_command(), "--version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and kvcoord.__version__ in version.stdout
     bad = subprocess.run([kvcoord_command(), "serve", "--l1-size", "lots"], capture_output=True, text=True, timeout=30)

@@ -125,6 +125,27 @@ pub fn core_client(endpoint: Endpoint) -> Client {
     Client::start(cfg)
 }
 
+/// The tokio client core presenting `token` in its handshake.
+pub fn core_client_with_token(endpoint: Endpoint, token: &str) -> Client {
+    let mut cfg = ClientConfig::new(endpoint).with_token(token);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.register_timeout = Duration::from_secs(30);
+    Client::start(cfg)
+}
+
+/// A registered TP worker whose client presents `token` (e.g. the admin's).
+pub async fn worker_with_token(server: &ServerProcess, engine: u64, rank: u32, world: u32, token: &str) -> TpWorker {
+    let key = InstanceKey { engine, rank };
+    let client = core_client_with_token(server.endpoint(), token);
+    TpWorker::register(client, key, "test-model", world, small_layout(), 256).await.expect("register")
+}
+
+/// A raw connection presenting `token`.
+pub async fn raw_with_token(server: &ServerProcess, token: &str) -> std::sync::Arc<Connection> {
+    let opts = ConnectOptions { token: Some(token.to_string()), ..ConnectOptions::default() };
+    Connection::open(&server.endpoint(), &opts).await.expect("connect")
+}
+
 /// A registered TP worker with its own client.
 pub async fn worker(server: &ServerProcess, engine: u64, rank: u32, world: u32) -> TpWorker {
     let key = InstanceKey { engine, rank };

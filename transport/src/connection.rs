@@ -46,6 +46,11 @@ pub enum RequestError {
     /// The client was closed.
     #[error("client closed")]
     Closed,
+    /// The request would hand memory (a memfd, CUDA IPC handles) to a server
+    /// this client does not trust: one running as another uid than ours or
+    /// root (or the allowed ones), or one whose uid cannot be known (TCP).
+    #[error("{0}")]
+    UntrustedServer(String),
 }
 
 impl RequestError {
@@ -57,6 +62,7 @@ impl RequestError {
             RequestError::ConnectionLost | RequestError::Disconnected => ErrorKind::Unavailable,
             RequestError::Encode(_) => ErrorKind::InvalidArgument,
             RequestError::Closed => ErrorKind::ShuttingDown,
+            RequestError::UntrustedServer(_) => ErrorKind::PermissionDenied,
         }
     }
 
@@ -77,7 +83,7 @@ pub enum ConnectError {
 }
 
 /// Options of one connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnectOptions {
     pub client_name: String,
     pub connect_timeout: Duration,
@@ -85,6 +91,29 @@ pub struct ConnectOptions {
     pub max_frame_bytes: u32,
     /// The protocol version to announce (tests use this to provoke a mismatch).
     pub protocol: u32,
+    /// The token to present in the hello (a tenant's or the admin's).
+    pub token: Option<String>,
+    /// TLS over TCP, trusting the CAs of this configuration
+    /// (`kvcoord_transport::tls::client_config`).
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// Server uids trusted with our memory (memfds, CUDA IPC handles),
+    /// besides our own uid and root, which always are.
+    pub trusted_server_uids: Vec<u32>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("client_name", &self.client_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("protocol", &self.protocol)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .field("trusted_server_uids", &self.trusted_server_uids)
+            .finish()
+    }
 }
 
 impl Default for ConnectOptions {
@@ -95,6 +124,36 @@ impl Default for ConnectOptions {
             handshake_timeout: Duration::from_secs(2),
             max_frame_bytes: frame::DEFAULT_MAX_FRAME_BYTES,
             protocol: crate::protocol::PROTOCOL_VERSION,
+            token: None,
+            tls: None,
+            trusted_server_uids: Vec::new(),
+        }
+    }
+}
+
+/// Who the server is, as far as this client can tell, and whether it may
+/// be handed our memory.
+#[derive(Clone, Debug)]
+enum ServerTrust {
+    /// A Unix socket peer running as a trusted uid.
+    Trusted,
+    /// Why memory must not be sent to it.
+    Untrusted(String),
+}
+
+impl ServerTrust {
+    fn of(peer: Option<crate::endpoint::PeerCredentials>, extra: &[u32]) -> ServerTrust {
+        let me = nix::unistd::geteuid().as_raw();
+        match peer {
+            Some(c) if c.uid == me || c.uid == 0 || extra.contains(&c.uid) => ServerTrust::Trusted,
+            Some(c) => ServerTrust::Untrusted(format!(
+                "the server at this socket runs as uid {}, not as our uid {me} or root; \
+                 not sending it our KV-cache memory (trust it with ConnectOptions::trusted_server_uids)",
+                c.uid
+            )),
+            None => ServerTrust::Untrusted(
+                "KV-cache memory is only handed to a server on a Unix socket, whose uid can be checked".into(),
+            ),
         }
     }
 }
@@ -114,6 +173,7 @@ pub struct Connection {
     next_id: AtomicU64,
     max_frame: u32,
     passes_fds: bool,
+    trust: ServerTrust,
     shutdown: watch::Sender<bool>,
     dead: watch::Receiver<bool>,
 }
@@ -133,16 +193,23 @@ impl Drop for WaiterGuard<'_> {
 impl Connection {
     /// Connects to `endpoint` and does the handshake.
     pub async fn open(endpoint: &Endpoint, opts: &ConnectOptions) -> Result<Arc<Connection>, ConnectError> {
-        let (mut reader, mut writer) =
-            tokio::time::timeout(opts.connect_timeout, endpoint.connect(opts.max_frame_bytes))
-                .await
-                .map_err(|_| ConnectError::Timeout(endpoint.to_string()))?
-                .map_err(|source| ConnectError::Io { endpoint: endpoint.to_string(), source })?;
-        let welcome =
-            handshake::hello(&mut reader, &mut writer, &opts.client_name, opts.protocol, opts.handshake_timeout)
-                .await?;
+        let connect = endpoint.connect_with(opts.max_frame_bytes, opts.tls.as_ref());
+        let (mut reader, mut writer, peer) = tokio::time::timeout(opts.connect_timeout, connect)
+            .await
+            .map_err(|_| ConnectError::Timeout(endpoint.to_string()))?
+            .map_err(|source| ConnectError::Io { endpoint: endpoint.to_string(), source })?;
+        let welcome = handshake::hello(
+            &mut reader,
+            &mut writer,
+            &opts.client_name,
+            opts.token.as_deref(),
+            opts.protocol,
+            opts.handshake_timeout,
+        )
+        .await?;
         let max_frame = welcome.limits.max_frame_bytes.min(opts.max_frame_bytes);
-        Ok(Self::start(reader, writer, welcome, max_frame, endpoint.passes_fds()))
+        let trust = ServerTrust::of(peer, &opts.trusted_server_uids);
+        Ok(Self::start(reader, writer, welcome, max_frame, endpoint.passes_fds(), trust))
     }
 
     fn start(
@@ -151,6 +218,7 @@ impl Connection {
         welcome: Welcome,
         max_frame: u32,
         passes_fds: bool,
+        trust: ServerTrust,
     ) -> Arc<Connection> {
         let (tx, rx) = mpsc::unbounded_channel();
         let in_flight = Arc::new(Mutex::new(InFlight { open: true, waiters: HashMap::new() }));
@@ -163,6 +231,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             max_frame,
             passes_fds,
+            trust,
             shutdown,
             dead,
         });
@@ -209,6 +278,9 @@ impl Connection {
     ) -> Result<ReplyBody, RequestError> {
         if !fds.is_empty() && !self.passes_fds {
             return Err(RequestError::Encode("file descriptors can only be passed over a Unix socket".into()));
+        }
+        if let (RequestBody::Register(_), ServerTrust::Untrusted(why)) = (&body, &self.trust) {
+            return Err(RequestError::UntrustedServer(why.clone()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let deadline_ms = timeout.as_millis().min(u32::MAX as u128) as u32;

@@ -1,13 +1,34 @@
 //! Where a coordinator listens: a Unix socket path (the default) or a TCP
-//! address. This module owns parsing endpoints, connecting and binding; it
-//! must never speak the protocol.
+//! address (optionally with TLS). This module owns parsing endpoints,
+//! connecting, binding, and telling who is at the other end of a Unix
+//! socket (`SO_PEERCRED`); it must never speak the protocol nor decide who
+//! is allowed.
 
 use std::fmt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::stream::{tcp_pair, unix_pair, FrameReader, FrameWriter};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::stream::{tcp_pair, tls_pair, unix_pair, FrameReader, FrameWriter};
+
+/// The process at the other end of a Unix socket, as the kernel saw it
+/// when the connection was made (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCredentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+fn peer_credentials(s: &tokio::net::UnixStream) -> std::io::Result<PeerCredentials> {
+    let c = s.peer_cred()?;
+    Ok(PeerCredentials { uid: c.uid(), gid: c.gid(), pid: c.pid() })
+}
 
 /// A coordinator address: `unix:/path`, `tcp://host:port`, or a bare path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +71,35 @@ impl Endpoint {
             Endpoint::Unix(p) => unix_pair(tokio::net::UnixStream::connect(p).await?, max_frame),
             Endpoint::Tcp(a) => tcp_pair(tokio::net::TcpStream::connect(a).await?, max_frame),
         })
+    }
+
+    /// Opens a stream to the endpoint: over TCP with TLS when `tls` is
+    /// given (the server's certificate must name the address's host). For a
+    /// Unix socket, also who the server is.
+    pub async fn connect_with(
+        &self,
+        max_frame: u32,
+        tls: Option<&Arc<tokio_rustls::rustls::ClientConfig>>,
+    ) -> std::io::Result<(FrameReader, FrameWriter, Option<PeerCredentials>)> {
+        match (self, tls) {
+            (Endpoint::Unix(p), _) => {
+                let s = tokio::net::UnixStream::connect(p).await?;
+                let peer = peer_credentials(&s)?;
+                let (r, w) = unix_pair(s, max_frame);
+                Ok((r, w, Some(peer)))
+            }
+            (Endpoint::Tcp(a), None) => {
+                let (r, w) = tcp_pair(tokio::net::TcpStream::connect(a).await?, max_frame);
+                Ok((r, w, None))
+            }
+            (Endpoint::Tcp(a), Some(config)) => {
+                let name = crate::tls::server_name(a)?;
+                let tcp = tokio::net::TcpStream::connect(a).await?;
+                let tls = TlsConnector::from(config.clone()).connect(name, tcp).await?;
+                let (r, w) = tls_pair(tls.into(), max_frame);
+                Ok((r, w, None))
+            }
+        }
     }
 
     /// Whether frames to this endpoint can carry file descriptors.
@@ -130,7 +180,52 @@ fn bind_unix(path: &std::path::Path, opts: &UnixSocketOptions) -> std::io::Resul
 /// unless another listener has replaced it since (checked by inode).
 pub enum Listener {
     Unix { listener: tokio::net::UnixListener, path: PathBuf, inode: u64 },
-    Tcp(tokio::net::TcpListener),
+    Tcp { listener: tokio::net::TcpListener, tls: Option<TlsAcceptor> },
+}
+
+/// An accepted connection before its streams are set up: a TLS handshake,
+/// if any, is still to come, so the accept loop never waits on a peer.
+pub enum Incoming {
+    Unix(tokio::net::UnixStream, PeerCredentials),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr, Option<TlsAcceptor>),
+}
+
+impl Incoming {
+    /// A label for logs: `unix` (with the peer's uid) or the TCP address.
+    pub fn label(&self) -> String {
+        match self {
+            Incoming::Unix(_, c) => format!("unix(uid {})", c.uid),
+            Incoming::Tcp(_, addr, None) => addr.to_string(),
+            Incoming::Tcp(_, addr, Some(_)) => format!("{addr} (tls)"),
+        }
+    }
+
+    /// The peer's credentials (Unix sockets only).
+    pub fn credentials(&self) -> Option<PeerCredentials> {
+        match self {
+            Incoming::Unix(_, c) => Some(*c),
+            Incoming::Tcp(..) => None,
+        }
+    }
+
+    /// Whether the connection is (or will be, once set up) encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Incoming::Tcp(_, _, Some(_)))
+    }
+
+    /// Sets up the frame streams; a TLS handshake must finish within `limit`.
+    pub async fn into_frames(self, max_frame: u32, limit: Duration) -> std::io::Result<(FrameReader, FrameWriter)> {
+        match self {
+            Incoming::Unix(s, _) => Ok(unix_pair(s, max_frame)),
+            Incoming::Tcp(s, _, None) => Ok(tcp_pair(s, max_frame)),
+            Incoming::Tcp(s, _, Some(acceptor)) => {
+                let tls = tokio::time::timeout(limit, acceptor.accept(s))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                Ok(tls_pair(tls.into(), max_frame))
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -164,34 +259,50 @@ impl Listener {
                 let inode = std::fs::metadata(path)?.ino();
                 Ok(Listener::Unix { listener, path: path.clone(), inode })
             }
-            Endpoint::Tcp(addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+            Endpoint::Tcp(addr) => {
+                Ok(Listener::Tcp { listener: tokio::net::TcpListener::bind(addr).await?, tls: None })
+            }
         }
+    }
+
+    /// Binds a TCP address whose connections speak TLS with `acceptor`.
+    pub async fn bind_tls(addr: &str, acceptor: TlsAcceptor) -> std::io::Result<Listener> {
+        Ok(Listener::Tcp { listener: tokio::net::TcpListener::bind(addr).await?, tls: Some(acceptor) })
     }
 
     /// The endpoint actually bound (with the real port for `:0`).
     pub fn local_endpoint(&self) -> Endpoint {
         match self {
             Listener::Unix { path, .. } => Endpoint::Unix(path.clone()),
-            Listener::Tcp(l) => {
-                Endpoint::Tcp(l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".to_string()))
+            Listener::Tcp { listener, .. } => {
+                Endpoint::Tcp(listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".to_string()))
             }
         }
     }
 
-    /// Accepts one connection; returns its frame halves and a peer label.
-    pub async fn accept(&self, max_frame: u32) -> std::io::Result<(FrameReader, FrameWriter, String)> {
+    /// Accepts one connection, not set up yet (see [`Incoming::into_frames`]).
+    pub async fn accept_incoming(&self) -> std::io::Result<Incoming> {
         match self {
             Listener::Unix { listener, .. } => {
                 let (s, _) = listener.accept().await?;
-                let (r, w) = unix_pair(s, max_frame);
-                Ok((r, w, "unix".to_string()))
+                let c = peer_credentials(&s)?;
+                Ok(Incoming::Unix(s, c))
             }
-            Listener::Tcp(l) => {
-                let (s, addr) = l.accept().await?;
-                let (r, w) = tcp_pair(s, max_frame);
-                Ok((r, w, addr.to_string()))
+            Listener::Tcp { listener, tls } => {
+                let (s, addr) = listener.accept().await?;
+                Ok(Incoming::Tcp(s, addr, tls.clone()))
             }
         }
+    }
+
+    /// Accepts one connection; returns its frame halves and a peer label
+    /// (a TLS handshake, if any, is done here: servers with many peers use
+    /// [`Listener::accept_incoming`] so that no peer holds up the loop).
+    pub async fn accept(&self, max_frame: u32) -> std::io::Result<(FrameReader, FrameWriter, String)> {
+        let incoming = self.accept_incoming().await?;
+        let label = incoming.label();
+        let (r, w) = incoming.into_frames(max_frame, Duration::from_secs(5)).await?;
+        Ok((r, w, label))
     }
 }
 

@@ -29,8 +29,9 @@ pub enum ErrorKind {
     /// frame of a connection that sent no hello in time, or that sat idle (no
     /// request in flight, nothing received) past the server's idle timeout.
     Timeout,
-    /// The request is not allowed (e.g. fault injection on a server started
-    /// without it).
+    /// The connection's credentials were refused (no token over TCP, a
+    /// wrong token, a peer uid not allowed), or the request is not allowed
+    /// on this server at all (fault injection on a server started without it).
     Unauthorized,
     /// Client and server speak different protocol versions.
     ProtocolMismatch,
@@ -38,6 +39,11 @@ pub enum ErrorKind {
     ShuttingDown,
     /// A bug or an internal failure; details in the message.
     Internal,
+    /// The connection is authenticated but may not do this: an instance
+    /// another session registered, a lease another principal took, a
+    /// privileged request (clear, fault injection, full status) without the
+    /// admin role, or a server whose uid the client does not trust.
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -54,6 +60,7 @@ impl ErrorKind {
             ErrorKind::ProtocolMismatch => "protocol_mismatch",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal => "internal",
+            ErrorKind::PermissionDenied => "permission_denied",
         }
     }
 
@@ -70,7 +77,8 @@ impl ErrorKind {
             | ErrorKind::InvalidArgument
             | ErrorKind::Unauthorized
             | ErrorKind::ProtocolMismatch
-            | ErrorKind::Internal => false,
+            | ErrorKind::Internal
+            | ErrorKind::PermissionDenied => false,
         }
     }
 }

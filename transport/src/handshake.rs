@@ -1,6 +1,8 @@
-//! The handshake: `Hello{protocol, client}` -> `Welcome{protocol, epoch, ...}`
-//! or `Refused(kind)`. This module owns both sides of that one exchange, its
-//! time limit and its frame limit; it must never handle requests.
+//! The handshake: `Hello{protocol, client, token}` -> `Welcome{protocol,
+//! epoch, tenant, ...}` or `Refused(kind)`. This module owns both sides of
+//! that one exchange, its time limit and its frame limit; it must never
+//! handle requests, and never decides who is allowed in (the server passes
+//! that decision in as a function of the hello).
 //!
 //! Before the handshake a peer is unknown, so its first frame may be at most
 //! [`HANDSHAKE_MAX_FRAME_BYTES`]. Every first frame the server cannot use
@@ -40,11 +42,13 @@ pub async fn hello(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     client: &str,
+    token: Option<&str>,
     protocol: u32,
     limit: Duration,
 ) -> Result<Welcome, HandshakeError> {
     let exchange = async {
-        writer.send(&ClientFrame::Hello(Hello { protocol, client: client.to_string() })).await?;
+        let hello = Hello { protocol, client: client.to_string(), token: token.map(str::to_string) };
+        writer.send(&ClientFrame::Hello(hello)).await?;
         match reader.read::<ServerFrame>().await?.0 {
             ServerFrame::Welcome(w) if w.protocol == protocol => Ok(w),
             ServerFrame::Welcome(w) => Err(HandshakeError::ProtocolMismatch { ours: protocol, theirs: w.protocol }),
@@ -56,16 +60,32 @@ pub async fn hello(
     tokio::time::timeout(limit, exchange).await.map_err(|_| HandshakeError::Timeout(limit))?
 }
 
-/// Server side: waits for the client's hello and answers it. A client of a
-/// different protocol version gets `Refused(ProtocolMismatch)` and an error;
-/// a first frame that cannot be a hello gets `Refused(InvalidArgument)`, a
-/// hello that does not come within `limit` gets `Refused(Timeout)`.
+/// Server side: waits for the client's hello and answers it with `welcome`
+/// (every hello is let in). See [`welcome_with`].
 pub async fn welcome(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     welcome: &Welcome,
     limit: Duration,
 ) -> Result<Hello, HandshakeError> {
+    let w = welcome.clone();
+    welcome_with(reader, writer, w.protocol, move |_| Ok((w, ())), limit).await.map(|(h, _)| h)
+}
+
+/// Server side: waits for the client's hello and answers it. A client of a
+/// different protocol version (than `protocol`) gets
+/// `Refused(ProtocolMismatch)` and an error; a first frame that cannot be a
+/// hello gets `Refused(InvalidArgument)`, a hello that does not come within
+/// `limit` gets `Refused(Timeout)`. Otherwise `admit` decides: its welcome
+/// is sent, or its error is sent as `Refused` (e.g. a wrong token) and
+/// returned as [`HandshakeError::Refused`].
+pub async fn welcome_with<A>(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    protocol: u32,
+    admit: impl FnOnce(&Hello) -> Result<(Welcome, A), WireError>,
+    limit: Duration,
+) -> Result<(Hello, A), HandshakeError> {
     let configured = reader.max_frame();
     reader.set_max_frame(configured.min(HANDSHAKE_MAX_FRAME_BYTES));
     let first = tokio::time::timeout(limit, reader.read::<ClientFrame>()).await;
@@ -95,16 +115,24 @@ pub async fn welcome(
         }
     };
     let answer = async {
-        if hello.protocol != welcome.protocol {
+        if hello.protocol != protocol {
             let e = WireError::new(
                 ErrorKind::ProtocolMismatch,
-                format!("client speaks protocol {}, server speaks {}", hello.protocol, welcome.protocol),
+                format!("client speaks protocol {}, server speaks {}", hello.protocol, protocol),
             );
             let _ = writer.send(&ServerFrame::Refused(e)).await;
-            return Err(HandshakeError::ProtocolMismatch { ours: welcome.protocol, theirs: hello.protocol });
+            return Err(HandshakeError::ProtocolMismatch { ours: protocol, theirs: hello.protocol });
         }
-        writer.send(&ServerFrame::Welcome(welcome.clone())).await?;
-        Ok(hello)
+        match admit(&hello) {
+            Ok((welcome, admitted)) => {
+                writer.send(&ServerFrame::Welcome(welcome)).await?;
+                Ok((hello, admitted))
+            }
+            Err(e) => {
+                let _ = writer.send(&ServerFrame::Refused(e.clone())).await;
+                Err(HandshakeError::Refused(e))
+            }
+        }
     };
     tokio::time::timeout(limit, answer).await.map_err(|_| HandshakeError::Timeout(limit))?
 }

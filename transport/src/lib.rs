@@ -16,10 +16,11 @@ pub mod handshake;
 pub mod protocol;
 pub mod reconnect;
 pub mod stream;
+pub mod tls;
 
 pub use chunk_hash::{chunk_hashes, ChunkHash};
 pub use connection::{ConnectError, ConnectOptions, Connection, RequestError};
-pub use endpoint::{Endpoint, Listener};
+pub use endpoint::{Endpoint, Incoming, Listener, PeerCredentials};
 pub use error::{ErrorKind, WireError};
 pub use protocol::*;
 pub use reconnect::{LinkState, ReconnectOptions, ReconnectingClient};

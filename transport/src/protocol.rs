@@ -14,7 +14,9 @@ use crate::error::WireError;
 /// Bumped on any incompatible change to any frame. 3: a layout carries its
 /// placement in the registered memory (`kvcoord_memory::Placement`). 4: the
 /// remote tier's figures in `ServerStats` and its health in `StatusReport`;
-/// a retrieve's `done_event`.
+/// a retrieve's `done_event`; a hello may carry a token, the welcome names
+/// the tenant and role, a register returns (and a re-attach presents) the
+/// instance's secret, lease ids are random 128-bit values.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random value chosen at every server start. A client that sees a new
@@ -33,9 +35,31 @@ impl ServerEpoch {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(pub u64);
 
-/// A lease on the chunks a lookup found, so they stay until retrieved.
+/// A lease on the chunks a lookup found, so they stay until retrieved: a
+/// random 128-bit value, usable only by sessions of the principal (tenant
+/// credential) that took it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LeaseId(pub u64);
+pub struct LeaseId(pub u128);
+
+/// The secret an instance's registration returns: whoever presents it (on
+/// a new connection after a reconnect) may take the instance over again;
+/// nobody else may act on the instance. Random, 128 bits; never logged.
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InstanceSecret(pub [u8; 16]);
+
+impl InstanceSecret {
+    /// A fresh secret from the operating system's CSPRNG (via `rand`'s
+    /// thread RNG, seeded from `getrandom`).
+    pub fn random() -> Self {
+        InstanceSecret(rand::random())
+    }
+}
+
+impl std::fmt::Debug for InstanceSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstanceSecret(<redacted>)")
+    }
+}
 
 /// One registered TP rank of one engine: the engine picks `engine` (random at
 /// its start, shared by its ranks); `rank` is the TP rank.
@@ -46,10 +70,23 @@ pub struct InstanceKey {
 }
 
 /// First frame from a client.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub protocol: u32,
     pub client: String,
+    /// A tenant's or the admin's token: required over TCP, optional on the
+    /// Unix socket (where the peer's uid is checked). Never logged.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("protocol", &self.protocol)
+            .field("client", &self.client)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Limits the server enforces, told to the client at handshake.
@@ -70,6 +107,10 @@ pub struct Welcome {
     pub limits: Limits,
     /// Server name and version, for logs.
     pub server: String,
+    /// The tenant this connection acts as (chosen by its credentials).
+    pub tenant: String,
+    /// Whether the connection has the admin role (privileged requests).
+    pub admin: bool,
 }
 
 /// Everything a client sends.
@@ -118,6 +159,10 @@ pub struct RegisterKvCache {
     pub world_size: u32,
     pub layout: KvLayout,
     pub memory: MemoryHandle,
+    /// The secret an earlier register of this instance returned: presented
+    /// by a new connection to take the instance over (a reconnect). `None`
+    /// for a first register.
+    pub secret: Option<InstanceSecret>,
 }
 
 /// Store chunks: `block_ids` holds `blocks_per_chunk` ids per chunk, in order.
@@ -148,7 +193,9 @@ pub struct LookupByModel {
     pub model: String,
     pub world_size: u32,
     pub chunks: Vec<ChunkHash>,
-    /// As in [`LookupPrefix`]; the lease belongs to this connection's session.
+    /// As in [`LookupPrefix`]; the lease belongs to this connection's
+    /// principal (its tenant credential), so another process of the same
+    /// tenant (a TP worker) may retrieve with it.
     pub lease: bool,
 }
 
@@ -318,8 +365,10 @@ pub enum ReplyBody {
         epoch: ServerEpoch,
     },
     /// `already`: the same layout was registered before (idempotent).
+    /// `secret`: present it to take the instance over from a new connection.
     Registered {
         already: bool,
+        secret: InstanceSecret,
     },
     Unregistered,
     Stored(Vec<StoreOutcome>),
@@ -356,6 +405,14 @@ pub struct InstanceStatus {
     pub idle_ms: u64,
 }
 
+impl StatusReport {
+    /// Leaves the instances out (for an asker without the admin role).
+    pub fn hide_instances(&mut self) {
+        self.instances = Vec::new();
+        self.instances_hidden = true;
+    }
+}
+
 /// A running coordinator, for `kvcoord status` and the admin `/status`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {
@@ -370,6 +427,8 @@ pub struct StatusReport {
     pub admin: Option<String>,
     pub instances: Vec<InstanceStatus>,
     pub stats: ServerStats,
+    /// The instances were left out: the asker lacks the admin role.
+    pub instances_hidden: bool,
     /// The remote tier's health, when one is configured.
     pub remote: Option<RemoteStatus>,
 }

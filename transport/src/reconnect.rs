@@ -49,6 +49,10 @@ pub struct LinkState {
     pub last_error: Option<String>,
     /// The client was closed.
     pub closed: bool,
+    /// The server's refusal of the last handshake, if it refused one that
+    /// retrying cannot fix (`Unauthorized`: a missing or wrong token, a uid
+    /// not allowed; `ProtocolMismatch`), until a connection succeeds.
+    pub refused: Option<crate::error::WireError>,
 }
 
 /// A self-reconnecting client. Cheap to clone; closes when `close` is called
@@ -78,6 +82,7 @@ impl ReconnectingClient {
             epoch: None,
             last_error: None,
             closed: false,
+            refused: None,
         });
         let inner = Arc::new(Inner { endpoint, state });
         tokio::spawn(reconnect_loop(Arc::downgrade(&inner), opts));
@@ -147,6 +152,7 @@ async fn reconnect_loop(inner: std::sync::Weak<Inner>, opts: ReconnectOptions) {
                         s.connections += 1;
                         s.epoch = Some(epoch);
                         s.last_error = None;
+                        s.refused = None;
                     }
                 });
                 drop(this);
@@ -169,7 +175,18 @@ async fn reconnect_loop(inner: std::sync::Weak<Inner>, opts: ReconnectOptions) {
             }
             Err(e) => {
                 tracing::debug!(endpoint = %endpoint, error = %e, "connect failed");
-                this.state.send_modify(|s| s.last_error = Some(e.to_string()));
+                let refused = match &e {
+                    crate::connection::ConnectError::Handshake(crate::handshake::HandshakeError::Refused(w))
+                        if !w.is_retriable() =>
+                    {
+                        Some(w.clone())
+                    }
+                    _ => None,
+                };
+                this.state.send_modify(|s| {
+                    s.last_error = Some(e.to_string());
+                    s.refused = refused;
+                });
                 drop(this);
                 let sleep = backoff.mul_f64(rand::random_range(0.5..=1.0));
                 backoff = (backoff * 2).min(opts.backoff_max);

@@ -37,16 +37,21 @@ const MAX_FDS_PER_READ: usize = 253;
 /// partial frame's and one new message's descriptors can be queued.
 const MAX_QUEUED_FDS: usize = 2 * frame::MAX_FDS_PER_FRAME as usize;
 
+/// A TLS session over TCP, either end.
+pub type TlsTcp = tokio_rustls::TlsStream<tokio::net::TcpStream>;
+
 /// The read half of a connection.
 pub enum ReadHalf {
     Unix(unix::OwnedReadHalf),
     Tcp(tcp::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsTcp>),
 }
 
 /// The write half of a connection.
 pub enum WriteHalf {
     Unix(unix::OwnedWriteHalf),
     Tcp(tcp::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsTcp>),
 }
 
 /// Reads whole frames, and the descriptors that came with them.
@@ -79,11 +84,18 @@ pub fn tcp_pair(stream: tokio::net::TcpStream, max_frame: u32) -> (FrameReader, 
     (FrameReader::new(ReadHalf::Tcp(r), max_frame), FrameWriter { half: WriteHalf::Tcp(w), max_frame })
 }
 
+/// Splits a TLS session into a frame reader and writer.
+pub fn tls_pair(stream: TlsTcp, max_frame: u32) -> (FrameReader, FrameWriter) {
+    let _ = stream.get_ref().0.set_nodelay(true);
+    let (r, w) = tokio::io::split(stream);
+    (FrameReader::new(ReadHalf::Tls(r), max_frame), FrameWriter { half: WriteHalf::Tls(w), max_frame })
+}
+
 impl FrameReader {
     fn new(half: ReadHalf, max_frame: u32) -> Self {
         let cmsg = match half {
             ReadHalf::Unix(_) => nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]),
-            ReadHalf::Tcp(_) => Vec::new(),
+            ReadHalf::Tcp(_) | ReadHalf::Tls(_) => Vec::new(),
         };
         FrameReader { half, buf: vec![0; INITIAL_BUFFER], start: 0, end: 0, fds: VecDeque::new(), cmsg, max_frame }
     }
@@ -189,6 +201,7 @@ impl FrameReader {
         let end = self.end;
         let n = match &mut self.half {
             ReadHalf::Tcp(r) => r.read(&mut self.buf[end..]).await?,
+            ReadHalf::Tls(r) => r.read(&mut self.buf[end..]).await?,
             ReadHalf::Unix(r) => {
                 let sock: &tokio::net::UnixStream = r.as_ref();
                 let raw = sock.as_raw_fd();
@@ -293,6 +306,11 @@ impl FrameWriter {
         match &mut self.half {
             WriteHalf::Unix(w) => w.write_all(bytes).await?,
             WriteHalf::Tcp(w) => w.write_all(bytes).await?,
+            WriteHalf::Tls(w) => {
+                // rustls may hold encrypted records until flushed.
+                w.write_all(bytes).await?;
+                w.flush().await?
+            }
         }
         Ok(())
     }

@@ -36,6 +36,8 @@ fn welcome(epoch: ServerEpoch) -> Welcome {
         chunk_tokens: 256,
         limits: Limits { max_frame_bytes: DEFAULT_MAX_FRAME_BYTES, max_chunks_per_request: 4096 },
         server: "test".into(),
+        tenant: "default".into(),
+        admin: false,
     }
 }
 
@@ -287,7 +289,7 @@ async fn frame_declaring_descriptors_that_never_came_is_refused() {
 async fn a_declared_length_costs_nothing_until_its_bytes_arrive_and_the_buffer_shrinks_after() {
     let (mut r, mut peer) = raw_pair(frame::DEFAULT_MAX_FRAME_BYTES).await;
     let start = r.buffer_capacity();
-    let big = ClientFrame::Hello(Hello { protocol: 1, client: "x".repeat(4 << 20) });
+    let big = ClientFrame::Hello(Hello { protocol: 1, client: "x".repeat(4 << 20), token: None });
     let bytes = frame::encode(&big, 0, frame::DEFAULT_MAX_FRAME_BYTES).unwrap();
     peer.write_all(&bytes[..frame::HEADER_BYTES + 10]).await.unwrap();
     let read = tokio::spawn(async move {

@@ -62,7 +62,7 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
         Just(RequestBody::Ping),
         (instance(), ".{0,20}", any::<u32>(), layout(), memory()).prop_map(
             |(instance, model, world_size, layout, memory)| {
-                RequestBody::Register(RegisterKvCache { instance, model, world_size, layout, memory })
+                RequestBody::Register(RegisterKvCache { instance, model, world_size, layout, memory, secret: None })
             }
         ),
         instance().prop_map(|instance| RequestBody::Unregister { instance }),
@@ -86,13 +86,13 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
             instance(),
             hashes(),
             ids(),
-            prop::option::of(any::<u64>().prop_map(LeaseId)),
+            prop::option::of(any::<u128>().prop_map(LeaseId)),
             prop::option::of(prop::collection::vec(any::<u8>(), 0..80))
         )
             .prop_map(|(instance, chunks, block_ids, lease, done_event)| {
                 RequestBody::Retrieve(RetrieveChunks { instance, chunks, block_ids, lease, done_event })
             }),
-        any::<u64>().prop_map(|l| RequestBody::ReleaseLease { lease: LeaseId(l) }),
+        any::<u128>().prop_map(|l| RequestBody::ReleaseLease { lease: LeaseId(l) }),
         Just(RequestBody::Clear),
         Just(RequestBody::Stats),
         any::<u32>().prop_map(|i| RequestBody::InjectFault(FaultTarget::CopyLane(i))),
@@ -113,6 +113,7 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
         Just(ErrorKind::ProtocolMismatch),
         Just(ErrorKind::ShuttingDown),
         Just(ErrorKind::Internal),
+        Just(ErrorKind::PermissionDenied),
     ]
 }
 
@@ -125,11 +126,12 @@ fn reply_result() -> impl Strategy<Value = Result<ReplyBody, WireError>> {
     let retrieve = prop_oneof![Just(RetrieveOutcome::Retrieved), Just(RetrieveOutcome::Missing)];
     let ok = prop_oneof![
         any::<u64>().prop_map(|e| ReplyBody::Pong { epoch: ServerEpoch(e) }),
-        any::<bool>().prop_map(|already| ReplyBody::Registered { already }),
+        (any::<bool>(), any::<[u8; 16]>())
+            .prop_map(|(already, s)| ReplyBody::Registered { already, secret: InstanceSecret(s) }),
         Just(ReplyBody::Unregistered),
         prop::collection::vec(store, 0..8).prop_map(ReplyBody::Stored),
         (any::<u32>(), prop::option::of(any::<u64>()))
-            .prop_map(|(chunks, l)| ReplyBody::Found { chunks, lease: l.map(LeaseId) }),
+            .prop_map(|(chunks, l)| ReplyBody::Found { chunks, lease: l.map(|l: u64| LeaseId(l as u128)) }),
         prop::collection::vec(retrieve, 0..8).prop_map(ReplyBody::Retrieved),
         Just(ReplyBody::LeaseReleased),
         any::<u64>().prop_map(|objects| ReplyBody::Cleared { objects }),
@@ -158,6 +160,7 @@ fn reply_result() -> impl Strategy<Value = Result<ReplyBody, WireError>> {
                     idle_ms: 3,
                 }],
                 stats: ServerStats { remote_up: 1, remote_hits: engine, ..Default::default() },
+                instances_hidden: false,
                 remote: Some(RemoteStatus {
                     endpoint: "redis://127.0.0.1:6379".into(),
                     up: true,
@@ -190,11 +193,12 @@ proptest! {
 
     #[test]
     fn handshake_and_error_frames_round_trip(p in any::<u32>(), name in ".{0,30}", epoch in any::<u64>(), k in error_kind(), m in ".{0,30}") {
-        let hello = ClientFrame::Hello(Hello { protocol: p, client: name });
+        let hello = ClientFrame::Hello(Hello { protocol: p, client: name, token: Some("t".repeat(16)) });
         prop_assert_eq!(through_a_frame(&hello), hello);
         let w = ServerFrame::Welcome(Welcome {
             protocol: p, epoch: ServerEpoch(epoch), chunk_tokens: 256,
             limits: Limits { max_frame_bytes: 1 << 20, max_chunks_per_request: 64 }, server: "s".into(),
+            tenant: "default".into(), admin: false,
         });
         prop_assert_eq!(through_a_frame(&w), w);
         for f in [ServerFrame::Refused(WireError::new(k, m.clone())), ServerFrame::Undecodable(WireError::new(k, m))] {

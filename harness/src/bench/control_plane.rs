@@ -88,6 +88,7 @@ pub(crate) async fn register_tiny(client: &Client, key: InstanceKey, world: u32)
         world_size: world,
         layout,
         memory: MemoryHandle::HostFd { size: layout.total_bytes() },
+        secret: None,
     };
     client.register(request, Some(cache.fd())).await.expect("register");
     cache

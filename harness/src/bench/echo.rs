@@ -16,6 +16,8 @@ fn welcome() -> Welcome {
         chunk_tokens: 256,
         limits: Limits { max_frame_bytes: DEFAULT_MAX_FRAME_BYTES, max_chunks_per_request: 4096 },
         server: "echo".into(),
+        tenant: "default".into(),
+        admin: false,
     }
 }
 
