@@ -17,6 +17,7 @@ pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A random value chosen at every server start. A client that sees a new
 /// epoch knows the server lost every registration.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServerEpoch(pub u64);
 
@@ -28,15 +29,18 @@ impl ServerEpoch {
 }
 
 /// The id a client gives a request; the reply carries it back.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(pub u64);
 
 /// A lease on the chunks a lookup found, so they stay until retrieved.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseId(pub u64);
 
 /// One registered TP rank of one engine: the engine picks `engine` (random at
 /// its start, shared by its ranks); `rank` is the TP rank.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {
     pub engine: u64,
@@ -44,6 +48,7 @@ pub struct InstanceKey {
 }
 
 /// First frame from a client.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub protocol: u32,
@@ -51,6 +56,7 @@ pub struct Hello {
 }
 
 /// Limits the server enforces, told to the client at handshake.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest frame (payload bytes) either end may send.
@@ -60,6 +66,7 @@ pub struct Limits {
 }
 
 /// The server's answer to [`Hello`].
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Welcome {
     pub protocol: u32,
@@ -71,6 +78,7 @@ pub struct Welcome {
 }
 
 /// Everything a client sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ClientFrame {
     Hello(Hello),
@@ -78,6 +86,7 @@ pub enum ClientFrame {
 }
 
 /// Everything a server sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ServerFrame {
     Welcome(Welcome),
@@ -91,6 +100,7 @@ pub enum ServerFrame {
 }
 
 /// A request: an id, a time budget, and what to do.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub id: RequestId,
@@ -101,6 +111,7 @@ pub struct Request {
 }
 
 /// The reply to exactly one request.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub id: RequestId,
@@ -109,6 +120,7 @@ pub struct Reply {
 
 /// Register one TP rank's KV cache: what it holds and where its bytes are
 /// (`layout`, whose placement must lie inside the memory), and the memory.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RegisterKvCache {
     pub instance: InstanceKey,
@@ -119,6 +131,7 @@ pub struct RegisterKvCache {
 }
 
 /// Store chunks: `block_ids` holds `blocks_per_chunk` ids per chunk, in order.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StoreChunks {
     pub instance: InstanceKey,
@@ -129,6 +142,7 @@ pub struct StoreChunks {
 }
 
 /// How many leading chunks of a prefix are held for every rank.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct LookupPrefix {
     pub instance: InstanceKey,
@@ -141,6 +155,7 @@ pub struct LookupPrefix {
 /// [`LookupPrefix`] by model instead of by instance, for a process that
 /// registered nothing (an engine's scheduler is another process than its
 /// workers). An unknown model finds 0 chunks.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct LookupByModel {
     pub model: String,
@@ -151,6 +166,7 @@ pub struct LookupByModel {
 }
 
 /// Copy chunks back into blocks; `block_ids` as in [`StoreChunks`].
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RetrieveChunks {
     pub instance: InstanceKey,
@@ -162,6 +178,7 @@ pub struct RetrieveChunks {
 
 /// Actors a fault-injection request can kill (only on a server started with
 /// fault injection enabled).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum FaultTarget {
     /// The copy-lane actor with this index (host lanes first, then one per
@@ -172,6 +189,7 @@ pub enum FaultTarget {
 }
 
 /// What a request asks for.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum RequestBody {
     Ping,
@@ -223,6 +241,7 @@ impl RequestBody {
 }
 
 /// Per-chunk result of a store.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreOutcome {
     Stored,
@@ -231,6 +250,7 @@ pub enum StoreOutcome {
 }
 
 /// Per-chunk result of a retrieve.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetrieveOutcome {
     Retrieved,
@@ -238,6 +258,7 @@ pub enum RetrieveOutcome {
 }
 
 /// Counters and gauges of a running server.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerStats {
     pub epoch: u64,
@@ -289,6 +310,7 @@ pub struct ServerStats {
 }
 
 /// What a successful request returns.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ReplyBody {
     Pong {
@@ -316,6 +338,7 @@ pub enum ReplyBody {
 }
 
 /// One registered instance, as an operator sees it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct InstanceStatus {
     pub engine: u64,
@@ -334,6 +357,7 @@ pub struct InstanceStatus {
 }
 
 /// A running coordinator, for `kvcoord status` and the admin `/status`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {
     pub version: String,
