@@ -29,8 +29,10 @@ cargo +nightly fuzz build
 echo "fuzz: targets built in $(($(date +%s) - t0)) s"
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
-    dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
-    [ -d "fuzz/regressions/$t" ] && dirs+=("fuzz/regressions/$t")
+    dirs=("fuzz/corpus/$t")
+    for d in "fuzz/seeds/$t" "fuzz/regressions/$t"; do
+        if [ -d "$d" ]; then dirs+=("$d"); fi
+    done
     log="fuzz/corpus/$t.log"
     start=$(date +%s)
     if ! cargo +nightly fuzz run "$t" "${dirs[@]}" -- "$limit" -print_final_stats=1 >"$log" 2>&1; then
