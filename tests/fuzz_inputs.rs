@@ -238,6 +238,8 @@ fn seeds() -> BTreeMap<(&'static str, String), Vec<u8>> {
         ("config", "partial.toml".into()),
         b"l1_size = \"64 MiB\"\nchunk_tokens = 512\ncopy_lanes = 4\n".to_vec(),
     );
+    let integers = b"l1_size = 67108864\ndisk_size = 1048576\ngrace_ms = 1\n";
+    out.insert(("config", "integers.toml".into()), integers.to_vec());
     out
 }
 
