@@ -161,7 +161,8 @@ fn seeds() -> BTreeMap<(&'static str, String), Vec<u8>> {
     // frame: one whole frame each, and a connection's first frames.
     out.insert(("frame", "hello".into()), encoded(&hello(), 0));
     // Text beyond ASCII, so mutations reach other multi-byte characters.
-    let utf8 = ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: "клиент-ñ-名前 \u{1f600}".into() });
+    let utf8 =
+        ClientFrame::Hello(Hello { protocol: PROTOCOL_VERSION, client: "клиент-ñ-名前 \u{1f600}".into() });
     out.insert(("frame", "hello_utf8".into()), encoded(&utf8, 0));
     let mut session = encoded(&hello(), 0);
     for (i, (name, body)) in requests.iter().enumerate() {

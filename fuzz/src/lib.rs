@@ -395,13 +395,16 @@ struct Piece<'a> {
 
 /// A `frame_stream` input: `[limit][len][fds][len bytes]...`; `limit`
 /// picks the reader's frame limit, each piece is written with `fds % 8`
-/// descriptors (a seed is a real encoded stream cut into pieces).
+/// descriptors (a seed is a real encoded stream cut into pieces). At most
+/// [`MAX_PIECES`] writes: the rest of the input is the last one.
+const MAX_PIECES: usize = 12;
+
 fn script(data: &[u8]) -> Option<(u32, Vec<Piece<'_>>)> {
     let (&limit, mut rest) = data.split_first()?;
     let max = [64, 4096, HANDSHAKE_MAX_FRAME_BYTES, frame::DEFAULT_MAX_FRAME_BYTES][limit as usize % 4];
     let mut pieces = Vec::new();
     while let [len, fds, tail @ ..] = rest {
-        let n = (*len as usize).min(tail.len());
+        let n = if pieces.len() + 1 == MAX_PIECES { tail.len() } else { (*len as usize).min(tail.len()) };
         pieces.push(Piece { bytes: &tail[..n], fds: *fds as usize % 8 });
         rest = &tail[n..];
     }
@@ -409,12 +412,19 @@ fn script(data: &[u8]) -> Option<(u32, Vec<Piece<'_>>)> {
 }
 
 /// Encodes a `frame_stream` input: `stream` cut into pieces of at most
-/// `piece` bytes, without descriptors (seeds are made with it).
+/// `piece` bytes (the last of [`MAX_PIECES`] takes the rest), without
+/// descriptors (seeds are made with it).
 pub fn stream_script(limit: u8, stream: &[u8], piece: u8) -> Vec<u8> {
     let mut out = vec![limit];
-    for chunk in stream.chunks(piece.max(1) as usize) {
-        out.extend([chunk.len() as u8, 0]);
-        out.extend_from_slice(chunk);
+    let mut rest = stream;
+    for i in 1..=MAX_PIECES {
+        let n = if i == MAX_PIECES { rest.len() } else { rest.len().min(piece.max(1) as usize) };
+        out.extend([n.min(255) as u8, 0]);
+        out.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        if rest.is_empty() {
+            break;
+        }
     }
     out
 }
