@@ -162,7 +162,7 @@ fn exact_size<S: serde::Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::E
     let bytes = size.as_u64();
     let units =
         [(1u64 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    let text = match units.iter().find(|(unit, _)| bytes != 0 && bytes % unit == 0) {
+    let text = match units.iter().find(|(unit, _)| bytes != 0 && bytes.is_multiple_of(*unit)) {
         Some((unit, name)) => format!("{} {name}", bytes / unit),
         None => format!("{bytes} B"),
     };
