@@ -435,6 +435,26 @@ mod scripts {
         })
     }
 
+    /// 200 pings on one connection, each declaring and carrying four
+    /// descriptors (800 in all): every one answered, every descriptor closed.
+    pub fn a_flood_of_declared_descriptors(t: Target) -> LocalBoxFuture<'static, Seen> {
+        Box::pin(async move {
+            let devnull = std::fs::File::open("/dev/null").unwrap();
+            let mut c = RawConn::handshaken(&t).await;
+            for _ in 0..200 {
+                c.send_fds(&request_frame(RequestBody::Ping, 5000, 4), &[devnull.as_raw_fd(); 4]).await;
+            }
+            for i in 0..200 {
+                match c.outcome().await {
+                    Seen::Reply(Ok(ReplyBody::Pong { .. })) if i < 199 => {}
+                    last @ Seen::Reply(Ok(ReplyBody::Pong { .. })) => return last,
+                    other => return Seen::Other(format!("ping {i}: {other:?}")),
+                }
+            }
+            unreachable!()
+        })
+    }
+
     pub fn request_cut_off_by_a_half_close(t: Target) -> LocalBoxFuture<'static, Seen> {
         Box::pin(async move {
             let mut c = RawConn::handshaken(&t).await;
@@ -602,6 +622,8 @@ abuse_cases! {
         Run(scripts::register_carrying_three_extra_descriptors);
     ping_carrying_four_declared_descriptors_is_answered_and_they_are_closed: [] => Reply("Pong", is_pong),
         Run(scripts::ping_carrying_four_declared_descriptors);
+    a_flood_of_800_declared_descriptors_is_answered_and_all_are_closed: [] => Reply("Pong", is_pong),
+        Run(scripts::a_flood_of_declared_descriptors);
     ping_with_a_zero_deadline_is_answered: [] => Reply("Pong", is_pong),
         AfterHello(request_frame(RequestBody::Ping, 0, 0));
     ping_with_a_u32_max_deadline_is_answered: [] => Reply("Pong", is_pong),
