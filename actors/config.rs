@@ -83,6 +83,7 @@ pub struct ServerConfig {
     /// Optional TCP address (`host:port`) as well.
     pub tcp: Option<String>,
     /// L1 capacity.
+    #[serde(serialize_with = "exact_size")]
     pub l1_size: ByteSize,
     /// Take (and, on CUDA, pin) all of L1 at start instead of as it fills, so
     /// no store pays for page pinning.
@@ -114,6 +115,7 @@ pub struct ServerConfig {
     /// Directory of the disk tier (off when unset).
     pub disk_dir: Option<PathBuf>,
     /// Capacity of the disk tier.
+    #[serde(serialize_with = "exact_size")]
     pub disk_size: ByteSize,
     /// The admin token: the bearer token of the admin HTTP API (`POST
     /// /clear`, the full `/status`) and, presented in a client's hello, the
@@ -244,6 +246,21 @@ pub fn is_loopback(addr: &str) -> bool {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Writes a byte size exactly, in the largest binary unit that divides it
+/// (`"64 GiB"`, `"1536 MiB"`, `"1000001 B"`), so that `--print-config`
+/// reads back as the same configuration: `ByteSize`'s own text rounds to
+/// one decimal (1000001 bytes printed as "976.6 KiB" read back as 1000038).
+fn exact_size<S: serde::Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    let bytes = size.as_u64();
+    let units =
+        [(1u64 << 60, "EiB"), (1 << 50, "PiB"), (1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    let text = match units.iter().find(|(unit, _)| bytes != 0 && bytes.is_multiple_of(*unit)) {
+        Some((unit, name)) => format!("{} {name}", bytes / unit),
+        None => format!("{bytes} B"),
+    };
+    s.serialize_str(&text)
 }
 
 /// The directory of the default socket: `$XDG_RUNTIME_DIR/kvcoord` when the
@@ -519,6 +536,20 @@ mod tests {
         assert_eq!(c.l1_size, ByteSize::mib(64));
         assert_eq!(c.chunk_tokens, 128);
         assert_eq!(c.copy_lanes, ServerConfig::default().copy_lanes);
+    }
+
+    /// Found by the `config` fuzz target (`fuzz/regressions/config/`):
+    /// sizes that are no one-decimal multiple of a unit were printed rounded.
+    #[test]
+    fn printed_byte_sizes_read_back_exactly() {
+        for bytes in [0, 1, 1_000_001, 1 << 30, 3 << 29, (1 << 40) + 1, u64::MAX, 1 << 60, 1_234 << 10] {
+            let c = ServerConfig { l1_size: ByteSize(bytes), disk_size: ByteSize(bytes ^ 1), ..Default::default() };
+            let printed = toml::to_string_pretty(&c).unwrap();
+            let back: ServerConfig = toml::from_str(&printed).unwrap();
+            assert_eq!((back.l1_size, back.disk_size), (c.l1_size, c.disk_size), "{printed}");
+        }
+        let printed = toml::to_string_pretty(&ServerConfig::default()).unwrap();
+        assert!(printed.contains("l1_size = \"1 GiB\""), "{printed}");
     }
 
     #[test]

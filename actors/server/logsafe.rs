@@ -21,7 +21,7 @@ impl fmt::Display for Sanitized<'_> {
             if shown == MAX_LOGGED_CHARS {
                 return write!(f, "...(+{} bytes)", self.0.len() - i);
             }
-            if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || c == '\u{202e}' || c == '\\' {
+            if escaped(c) {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 write!(f, "{c}")?;
@@ -29,6 +29,16 @@ impl fmt::Display for Sanitized<'_> {
         }
         Ok(())
     }
+}
+
+/// Characters written escaped: control characters, line and paragraph
+/// separators, every bidirectional formatting character (embeddings,
+/// overrides, isolates and marks, which reorder how a terminal shows the
+/// rest of the line), and the backslash that starts an escape.
+fn escaped(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\\' | '\u{061c}' | '\u{200e}' | '\u{200f}')
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Lets at most `per_second` events through each second; counts the rest.
@@ -78,6 +88,20 @@ mod tests {
         let s = Sanitized(&long).to_string();
         assert_eq!(s, format!("{}...(+{} bytes)", "x".repeat(MAX_LOGGED_CHARS), 10_000 - MAX_LOGGED_CHARS));
         assert_eq!(Sanitized("kvcoord-client/42").to_string(), "kvcoord-client/42");
+    }
+
+    /// Found by the fuzz targets' log property (`fuzz/regressions/`): only
+    /// U+202E of the bidirectional controls was escaped.
+    #[test]
+    fn every_bidirectional_control_is_escaped() {
+        for c in [
+            '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', '\u{200f}',
+            '\u{061c}',
+        ] {
+            let s = Sanitized(&format!("a{c}b")).to_string();
+            assert_eq!(s, format!("a{}b", c.escape_default()));
+        }
+        assert_eq!(Sanitized("naïve ключ").to_string(), "naïve ключ", "other text is kept");
     }
 
     #[test]

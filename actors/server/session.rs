@@ -100,7 +100,13 @@ impl Session {
     }
 
     /// Closes the connection if it is idle past the configured timeout.
+    /// Once only: actix's interval calls this back to back when its thread
+    /// fell behind by more than a period, and a stopping session has already
+    /// sent its `Refused(Timeout)`.
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        if ctx.state().stopping() {
+            return;
+        }
         let idle = Duration::from_millis(self.shared.config.idle_timeout_ms);
         if self.serving.load(Ordering::Acquire) == 0 && self.last_received.elapsed() >= idle {
             tracing::info!(session = self.id, idle_ms = idle.as_millis() as u64, "idle connection closed");

@@ -202,7 +202,11 @@ fn invalid(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorKind::InvalidArgument, msg)
 }
 
-fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireError> {
+/// Everything a register request is checked for before its memory is
+/// opened: rank and world size, model name, layout (checked arithmetic),
+/// chunk size, and that the placement fits the declared memory. Public for
+/// the fuzz target `request_body` (`fuzz/`).
+pub fn check_register(r: &RegisterKvCache, chunk_tokens: u32) -> Result<(), WireError> {
     if r.world_size == 0 || r.instance.rank >= r.world_size {
         return Err(invalid(format!("rank {} is outside world size {}", r.instance.rank, r.world_size)));
     }

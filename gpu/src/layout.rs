@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Element type of the KV cache.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {
     F16,
@@ -28,6 +29,7 @@ impl Dtype {
 
 /// What one token of one layer holds (the layout's meaning; the placement
 /// says where those bytes are).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BlockShape {
     /// Multi-head attention: a K and a V vector of `head_dim` per KV head.
@@ -41,6 +43,7 @@ pub enum BlockShape {
 /// of the logical dimensions L (layer), B (block), H (KV head), N (token of
 /// the block) and C (K then V of one head and token, `2 * head_dim`). Each
 /// layer's view is `[num_blocks, kv_heads, block_tokens, 2 * head_dim]`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VllmLayout {
     Lbhnc,
@@ -76,6 +79,7 @@ impl VllmLayout {
 /// memory every layer has its own handle and offset
 /// ([`crate::CudaIpcLayer`]), which is the layer's base: there
 /// `layer_offset` and `layer_stride` are not used (they must still validate).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Placement {
     /// Offset of layer 0 in the memory.
@@ -96,6 +100,7 @@ pub struct Placement {
 ///
 /// The chunk object in L1 is, for every layer, every run, every block of the
 /// chunk in that order, the run's bytes: `[layer][run][block-in-chunk]`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KvLayout {
     pub num_layers: u32,

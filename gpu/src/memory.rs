@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One layer's device memory, exported by `cuIpcGetMemHandle`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct CudaIpcLayer {
     /// The 64-byte `CUipcMemHandle` of the allocation holding the layer.
@@ -17,6 +18,7 @@ pub struct CudaIpcLayer {
 }
 
 /// Where a registered KV cache lives.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum MemoryHandle {
     /// Host backend: a sealed memfd of `size` bytes, sent with the register

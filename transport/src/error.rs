@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What went wrong, as both ends of the wire understand it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// The instance is not registered with this server (it restarted, or the
@@ -84,6 +85,7 @@ impl ErrorKind {
 }
 
 /// An error as it travels in a reply: a kind and a human-readable message.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{kind:?}: {message}")]
 pub struct WireError {

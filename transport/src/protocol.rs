@@ -21,6 +21,7 @@ pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A random value chosen at every server start. A client that sees a new
 /// epoch knows the server lost every registration.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServerEpoch(pub u64);
 
@@ -32,18 +33,21 @@ impl ServerEpoch {
 }
 
 /// The id a client gives a request; the reply carries it back.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(pub u64);
 
 /// A lease on the chunks a lookup found, so they stay until retrieved: a
 /// random 128-bit value, usable only by sessions of the principal (tenant
 /// credential) that took it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseId(pub u128);
 
 /// The secret an instance's registration returns: whoever presents it (on
 /// a new connection after a reconnect) may take the instance over again;
 /// nobody else may act on the instance. Random, 128 bits; never logged.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct InstanceSecret(pub [u8; 16]);
 
@@ -63,6 +67,7 @@ impl std::fmt::Debug for InstanceSecret {
 
 /// One registered TP rank of one engine: the engine picks `engine` (random at
 /// its start, shared by its ranks); `rank` is the TP rank.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {
     pub engine: u64,
@@ -70,6 +75,7 @@ pub struct InstanceKey {
 }
 
 /// First frame from a client.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub protocol: u32,
@@ -90,6 +96,7 @@ impl std::fmt::Debug for Hello {
 }
 
 /// Limits the server enforces, told to the client at handshake.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest frame (payload bytes) either end may send.
@@ -99,6 +106,7 @@ pub struct Limits {
 }
 
 /// The server's answer to [`Hello`].
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Welcome {
     pub protocol: u32,
@@ -114,6 +122,7 @@ pub struct Welcome {
 }
 
 /// Everything a client sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ClientFrame {
     Hello(Hello),
@@ -121,6 +130,7 @@ pub enum ClientFrame {
 }
 
 /// Everything a server sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ServerFrame {
     Welcome(Welcome),
@@ -134,6 +144,7 @@ pub enum ServerFrame {
 }
 
 /// A request: an id, a time budget, and what to do.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub id: RequestId,
@@ -144,6 +155,7 @@ pub struct Request {
 }
 
 /// The reply to exactly one request.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub id: RequestId,
@@ -152,6 +164,7 @@ pub struct Reply {
 
 /// Register one TP rank's KV cache: what it holds and where its bytes are
 /// (`layout`, whose placement must lie inside the memory), and the memory.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RegisterKvCache {
     pub instance: InstanceKey,
@@ -166,6 +179,7 @@ pub struct RegisterKvCache {
 }
 
 /// Store chunks: `block_ids` holds `blocks_per_chunk` ids per chunk, in order.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StoreChunks {
     pub instance: InstanceKey,
@@ -176,6 +190,7 @@ pub struct StoreChunks {
 }
 
 /// How many leading chunks of a prefix are held for every rank.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct LookupPrefix {
     pub instance: InstanceKey,
@@ -188,6 +203,7 @@ pub struct LookupPrefix {
 /// [`LookupPrefix`] by model instead of by instance, for a process that
 /// registered nothing (an engine's scheduler is another process than its
 /// workers). An unknown model finds 0 chunks.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct LookupByModel {
     pub model: String,
@@ -200,6 +216,7 @@ pub struct LookupByModel {
 }
 
 /// Copy chunks back into blocks; `block_ids` as in [`StoreChunks`].
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RetrieveChunks {
     pub instance: InstanceKey,
@@ -216,6 +233,7 @@ pub struct RetrieveChunks {
 
 /// Actors a fault-injection request can kill (only on a server started with
 /// fault injection enabled).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum FaultTarget {
     /// The copy-lane actor with this index (host lanes first, then one per
@@ -226,6 +244,7 @@ pub enum FaultTarget {
 }
 
 /// What a request asks for.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum RequestBody {
     Ping,
@@ -277,6 +296,7 @@ impl RequestBody {
 }
 
 /// Per-chunk result of a store.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreOutcome {
     Stored,
@@ -285,6 +305,7 @@ pub enum StoreOutcome {
 }
 
 /// Per-chunk result of a retrieve.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetrieveOutcome {
     Retrieved,
@@ -292,6 +313,7 @@ pub enum RetrieveOutcome {
 }
 
 /// Counters and gauges of a running server.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerStats {
     pub epoch: u64,
@@ -359,6 +381,7 @@ pub struct ServerStats {
 }
 
 /// What a successful request returns.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum ReplyBody {
     Pong {
@@ -388,6 +411,7 @@ pub enum ReplyBody {
 }
 
 /// One registered instance, as an operator sees it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct InstanceStatus {
     pub engine: u64,
@@ -414,6 +438,7 @@ impl StatusReport {
 }
 
 /// A running coordinator, for `kvcoord status` and the admin `/status`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct StatusReport {
     pub version: String,
@@ -434,6 +459,7 @@ pub struct StatusReport {
 }
 
 /// The remote tier as an operator sees it.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RemoteStatus {
     /// Its URL(s), passwords redacted.
