@@ -642,4 +642,52 @@ mod tests {
         assert_eq!(parse_mode("0600"), Some(0o600));
         assert_eq!(parse_mode("0o660"), Some(0o660));
     }
+
+    #[test]
+    fn tcp_needs_a_token_and_off_loopback_tls_and_tenants_are_checked() {
+        let key = |c: ServerConfig| c.validate().unwrap_err().key;
+        let d = ServerConfig::default;
+        let token = || Some(PathBuf::from("/etc/kvcoord/t"));
+        assert_eq!(key(ServerConfig { tcp: Some("127.0.0.1:7070".into()), ..d() }), "tcp", "no token");
+        assert!(ServerConfig { tcp: Some("127.0.0.1:7070".into()), token_file: token(), ..d() }.validate().is_ok());
+        assert!(ServerConfig { tcp: Some("localhost:7070".into()), token_file: token(), ..d() }.validate().is_ok());
+        assert!(ServerConfig { tcp: Some("[::1]:7070".into()), token_file: token(), ..d() }.validate().is_ok());
+        for public in ["0.0.0.0:7070", "10.1.2.3:7070", "[::]:7070", "myhost:7070"] {
+            let c = ServerConfig { tcp: Some(public.into()), token_file: token(), ..d() };
+            assert_eq!(c.validate().unwrap_err().key, "tcp", "{public} without TLS");
+            let tls = ServerConfig { tls_cert: token(), tls_key: token(), ..c };
+            assert!(tls.validate().is_ok(), "{public} with TLS");
+        }
+        let c = ServerConfig { tcp: Some("127.0.0.1:1".into()), token_file: token(), tls_cert: token(), ..d() };
+        assert_eq!(key(c), "tls_key", "a certificate without its key");
+        assert_eq!(key(ServerConfig { tls_cert: token(), tls_key: token(), ..d() }), "tls_cert", "TLS without TCP");
+        let tenant = |name: &str| TenantConfig {
+            name: name.into(),
+            token_file: PathBuf::from("/t"),
+            l1_quota: None,
+            namespace: None,
+        };
+        assert_eq!(key(ServerConfig { tenants: vec![tenant("default")], ..d() }), "tenants", "the default's name");
+        assert_eq!(key(ServerConfig { tenants: vec![tenant("a"), tenant("a")], ..d() }), "tenants");
+        assert_eq!(key(ServerConfig { tenants: vec![tenant("a b")], ..d() }), "tenants", "printable, no spaces");
+        let zero = TenantConfig { l1_quota: Some(ByteSize::b(0)), ..tenant("a") };
+        assert_eq!(key(ServerConfig { tenants: vec![zero], ..d() }), "tenants");
+        assert_eq!(key(ServerConfig { l1_quota: Some(ByteSize::b(0)), ..d() }), "l1_quota");
+        let both = ServerConfig { admin_token: Some("x".into()), admin_token_file: token(), ..d() };
+        assert_eq!(key(both), "admin_token_file");
+        let tcp_by_tenant = ServerConfig { tcp: Some("127.0.0.1:1".into()), tenants: vec![tenant("a")], ..d() };
+        assert!(tcp_by_tenant.validate().is_ok(), "a tenant's token is a token");
+    }
+
+    #[test]
+    fn print_config_redacts_the_admin_token_only() {
+        let c = ServerConfig {
+            admin_token: Some("hunter2-hunter2".into()),
+            token_file: Some("/t".into()),
+            ..Default::default()
+        };
+        let text = toml::to_string_pretty(&c.redacted()).unwrap();
+        assert!(!text.contains("hunter2") && text.contains("<redacted>"), "{text}");
+        assert!(text.contains("token_file = \"/t\""), "paths stay: {text}");
+    }
 }

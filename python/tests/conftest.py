@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -87,7 +86,8 @@ class Server:
 
     def kill(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
+            # SIGKILL ends a stopped (SIGSTOP) process too. No SIGCONT first:
+            # it let a stopped server answer queued requests before dying.
             self.proc.kill()
             self.proc.wait()
             self.proc = None
