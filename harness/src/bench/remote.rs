@@ -90,6 +90,8 @@ pub(crate) async fn remote_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) ->
             "1GiB",
             "--remote-writers",
             &writers,
+            "--remote-timeout-ms",
+            "10000",
         ];
         let server = Server::start(&socket, &dir.join(format!("remote-{name}.log")), &args).expect("start");
         (server, socket)
@@ -98,8 +100,12 @@ pub(crate) async fn remote_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) ->
     if !wait_listening(&socket_a, Duration::from_secs(60)) || !wait_listening(&socket_b, Duration::from_secs(60)) {
         return false;
     }
+    // The same client and limits as the coordinators' remote tier.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
     let raw = match redis::Client::open(url.as_str()) {
-        Ok(c) => c.get_connection_manager().await,
+        Ok(c) => c.get_connection_manager_with_config(config).await,
         Err(e) => Err(e),
     };
     let Ok(raw) = raw else { return false };
