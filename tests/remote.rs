@@ -207,3 +207,32 @@ async fn a_cluster_node_down_misses_only_its_slots() {
     assert!(t.elapsed() < Duration::from_secs(20), "24 lookups took {:?}", t.elapsed());
     assert_eq!(wb.client.stats().await.unwrap().remote_up, 1, "the cluster is up while a primary answers");
 }
+
+#[actix_rt::test]
+async fn a_password_protected_redis_is_reached_with_the_url_password_which_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_with_password(dir.path(), "s3cret-pw");
+    let good = format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port);
+    let a = coordinator(dir.path(), "a", &["--remote", &good]);
+    let mut w = worker(&a, 1, 0, 1).await;
+    let hashes: Vec<ChunkHash> = prefix_hashes("test-model", 71, 0, 2, 256);
+    w.store_prefix(&hashes).await.unwrap();
+    assert!(remote_writes_reach(&w.client, 2).await, "authenticated writes land");
+    assert_eq!(redis.keys().len(), 2);
+    let status = raw(&a).await.request(RequestBody::Status, Duration::from_secs(5), Vec::new()).await.unwrap();
+    let ReplyBody::Status(report) = status else { panic!("status reply") };
+    let shown = serde_json::to_string(&report).unwrap();
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(report.remote.unwrap().endpoint.contains(":***@"));
+
+    // A wrong password: the tier stays down, stores still succeed locally.
+    let bad = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let b = coordinator(dir.path(), "b", &["--remote", &bad]);
+    let mut wb = worker(&b, 2, 0, 1).await;
+    let (_, outcomes) = wb.store_prefix(&hashes).await.unwrap();
+    assert_eq!(outcomes, vec![StoreOutcome::Stored; 2]);
+    let found = wb.client.lookup(wb.key, prefix_hashes("test-model", 71, 1, 2, 256), false).await;
+    assert!(found.error.is_none() && found.chunks == 0);
+    assert!(remote_is(&wb.client, false).await, "refused credentials leave the tier down");
+    assert_eq!(redis.keys().len(), 2, "nothing written with a wrong password");
+}
