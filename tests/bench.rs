@@ -30,6 +30,10 @@ fn bench_quick_prints_every_scenario_beside_its_baseline() {
         "index: lookup 4096-chunk prefix",
         "disk tier: lookup hit rate after restart",
         "disk tier: retrieve after restart",
+        "remote tier: store 64 x 8 MiB chunks",
+        "remote tier: retrieve 64 x 8 MiB chunks, L1 miss",
+        "remote tier: lookup 64-chunk prefix, L1 miss p50",
+        "remote tier: lookup 64-chunk prefix, L1 miss p99",
     ] {
         let line =
             stdout.lines().find(|l| l.starts_with(scenario)).unwrap_or_else(|| panic!("no `{scenario}` in\n{stdout}"));
@@ -37,5 +41,5 @@ fn bench_quick_prints_every_scenario_beside_its_baseline() {
         assert!(numbers >= 3, "`{line}` must show kvcoord, baseline and ratio");
     }
     let rows = std::fs::read_to_string(&json).unwrap();
-    assert!(rows.starts_with('[') && rows.matches("\"scenario\"").count() >= 20, "{rows}");
+    assert!(rows.starts_with('[') && rows.matches("\"scenario\"").count() >= 24, "{rows}");
 }

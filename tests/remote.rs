@@ -57,12 +57,15 @@ async fn two_coordinators_share_chunks_bit_exact_through_redis() {
     let mut wa = vec![worker(&a, 1, 0, 2).await, worker(&a, 1, 1, 2).await];
     let mut wb = vec![worker(&b, 2, 0, 2).await, worker(&b, 2, 1, 2).await];
     let prompts: Vec<Vec<ChunkHash>> = (0..6).map(|p| prefix_hashes("test-model", 31, p, 3, 256)).collect();
-    for h in &prompts {
+    // At the pace of a remote that keeps up: each prompt is written behind
+    // before the next (a full queue drops its oldest writes, by design).
+    for (i, h) in prompts.iter().enumerate() {
         for w in &mut wa {
             w.store_prefix(h).await.unwrap();
         }
+        assert!(remote_writes_reach(&wa[0].client, 6 * (i as u64 + 1)).await, "prompt {i} written behind");
     }
-    assert!(remote_writes_reach(&wa[0].client, 36).await, "6 prompts x 3 chunks x 2 ranks written behind");
+    assert_eq!(wa[0].client.stats().await.unwrap().remote_dropped_writes, 0);
 
     for h in &prompts {
         let found = wb[0].client.lookup(wb[0].key, h.clone(), true).await;
@@ -185,10 +188,10 @@ async fn a_cluster_node_down_misses_only_its_slots() {
     let wb = worker(&b, 2, 0, 1).await;
     // 24 one-chunk prompts: their keys spread over the three nodes.
     let prompts: Vec<Vec<ChunkHash>> = (0..24).map(|p| prefix_hashes("test-model", 61, p, 1, 256)).collect();
-    for h in &prompts {
+    for (i, h) in prompts.iter().enumerate() {
         wa.store_prefix(h).await.unwrap();
+        assert!(remote_writes_reach(&wa.client, i as u64 + 1).await, "prompt {i} written behind");
     }
-    assert!(remote_writes_reach(&wa.client, 24).await);
     let on_node: Vec<Vec<String>> = cluster.nodes.iter().map(RedisServer::keys).collect();
     assert_eq!(on_node.iter().map(Vec::len).sum::<usize>(), 24);
     let victim = (0..3).max_by_key(|&i| on_node[i].len()).unwrap();
@@ -206,4 +209,33 @@ async fn a_cluster_node_down_misses_only_its_slots() {
     assert_eq!(found, expected, "exactly the dead node's chunks miss");
     assert!(t.elapsed() < Duration::from_secs(20), "24 lookups took {:?}", t.elapsed());
     assert_eq!(wb.client.stats().await.unwrap().remote_up, 1, "the cluster is up while a primary answers");
+}
+
+#[actix_rt::test]
+async fn a_password_protected_redis_is_reached_with_the_url_password_which_is_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_with_password(dir.path(), "s3cret-pw");
+    let good = format!("redis://:s3cret-pw@127.0.0.1:{}", redis.port);
+    let a = coordinator(dir.path(), "a", &["--remote", &good]);
+    let mut w = worker(&a, 1, 0, 1).await;
+    let hashes: Vec<ChunkHash> = prefix_hashes("test-model", 71, 0, 2, 256);
+    w.store_prefix(&hashes).await.unwrap();
+    assert!(remote_writes_reach(&w.client, 2).await, "authenticated writes land");
+    assert_eq!(redis.keys().len(), 2);
+    let status = raw(&a).await.request(RequestBody::Status, Duration::from_secs(5), Vec::new()).await.unwrap();
+    let ReplyBody::Status(report) = status else { panic!("status reply") };
+    let shown = serde_json::to_string(&report).unwrap();
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    assert!(report.remote.unwrap().endpoint.contains(":***@"));
+
+    // A wrong password: the tier stays down, stores still succeed locally.
+    let bad = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let b = coordinator(dir.path(), "b", &["--remote", &bad]);
+    let mut wb = worker(&b, 2, 0, 1).await;
+    let (_, outcomes) = wb.store_prefix(&hashes).await.unwrap();
+    assert_eq!(outcomes, vec![StoreOutcome::Stored; 2]);
+    let found = wb.client.lookup(wb.key, prefix_hashes("test-model", 71, 1, 2, 256), false).await;
+    assert!(found.error.is_none() && found.chunks == 0);
+    assert!(remote_is(&wb.client, false).await, "refused credentials leave the tier down");
+    assert_eq!(redis.keys().len(), 2, "nothing written with a wrong password");
 }

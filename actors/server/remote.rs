@@ -41,7 +41,7 @@ use redis::{RedisWrite, ToRedisArgs, Value};
 
 use super::keys::{ObjectKey, ObjectNamespace};
 use super::metrics::RemoteInstruments;
-use super::remote_format::{self, Rejected, HEADER_BYTES};
+use super::remote_format::{self, KeyPrefix, Rejected, HEADER_BYTES};
 use super::tier::{Tier, TierHealth, TierRead, TierReadError, TierStats, WriteBehind};
 use super::write_queue::DropOldestQueue;
 
@@ -429,7 +429,21 @@ impl Inner {
             }
             return;
         }
-        let keys: Vec<Vec<u8>> = reads.iter().map(|r| self.object_key(r.namespace(), r.key())).collect();
+        let mut prefixes: Vec<(Arc<ObjectNamespace>, KeyPrefix)> = Vec::new();
+        let keys: Vec<Vec<u8>> = reads
+            .iter()
+            .map(|r| {
+                let i = match prefixes.iter().position(|(ns, _)| ns == r.namespace()) {
+                    Some(i) => i,
+                    None => {
+                        prefixes
+                            .push((r.namespace().clone(), KeyPrefix::new(&self.settings.key_prefix, r.namespace())));
+                        prefixes.len() - 1
+                    }
+                };
+                prefixes[i].1.key(r.key().rank, &r.key().hash)
+            })
+            .collect();
         let replies = self.batched("GET", &keys, deadline, "read").await;
         for ((read, key), reply) in reads.into_iter().zip(&keys).zip(replies) {
             let result = match reply {
@@ -593,10 +607,12 @@ impl Tier for RemoteTier {
         deadline: Instant,
     ) -> BoxFuture<'static, Vec<bool>> {
         let inner = self.inner.clone();
-        let keys: Vec<Vec<u8>> = keys.iter().map(|k| inner.object_key(namespace, k)).collect();
-        let n = keys.len();
-        let task = self.handle().spawn(async move { inner.probe(keys, deadline).await });
-        Box::pin(async move { task.await.unwrap_or_else(|_| vec![false; n]) })
+        let prefix = KeyPrefix::new(&inner.settings.key_prefix, namespace);
+        let keys: Vec<Vec<u8>> = keys.iter().map(|k| prefix.key(k.rank, &k.hash)).collect();
+        // Runs on the caller's runtime (no hop to the tier's): the requests
+        // go to the connection's driver task on the tier's runtime, the
+        // replies come straight back.
+        Box::pin(async move { inner.probe(keys, deadline).await })
     }
 
     fn read(&self, read: TierRead) {

@@ -30,17 +30,43 @@ const SUM_AT: usize = HEADER_BYTES - 8;
 /// field that must keep objects apart (the operator's prefix, the model,
 /// world size, layout, rank and chunk hash) goes through here.
 pub fn object_key(prefix: &str, namespace: &ObjectNamespace, rank: u32, hash: &ChunkHash) -> Vec<u8> {
-    let mut h = blake3::Hasher::new();
-    h.update(&(namespace.model.len() as u64).to_le_bytes());
-    h.update(namespace.model.as_bytes());
-    h.update(&namespace.world_size.to_le_bytes());
-    h.update(&namespace.layout.0);
-    let ns = h.finalize();
-    format!("{prefix}:v{VERSION}:{}:{rank}:{}", hex(&ns.as_bytes()[..16]), hex(&hash.0)).into_bytes()
+    KeyPrefix::new(prefix, namespace).key(rank, hash)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The part of [`object_key`] shared by every object of a namespace,
+/// derived once for a batch of keys.
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    pub fn new(prefix: &str, namespace: &ObjectNamespace) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(&(namespace.model.len() as u64).to_le_bytes());
+        h.update(namespace.model.as_bytes());
+        h.update(&namespace.world_size.to_le_bytes());
+        h.update(&namespace.layout.0);
+        let mut s = format!("{prefix}:v{VERSION}:");
+        hex_into(&mut s, &h.finalize().as_bytes()[..16]);
+        KeyPrefix(s)
+    }
+
+    /// The key of the object of `rank` and `hash` in this namespace.
+    pub fn key(&self, rank: u32, hash: &ChunkHash) -> Vec<u8> {
+        let mut s = String::with_capacity(self.0.len() + 12 + 64);
+        s.push_str(&self.0);
+        s.push(':');
+        s.push_str(&rank.to_string());
+        s.push(':');
+        hex_into(&mut s, &hash.0);
+        s.into_bytes()
+    }
+}
+
+fn hex_into(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
 }
 
 /// What ties a value to its key: a value found under another key (copied,

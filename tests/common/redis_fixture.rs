@@ -20,6 +20,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
+    /// `requirepass`, when set.
+    password: Option<String>,
 }
 
 fn redis_server_binary() -> &'static str {
@@ -38,11 +40,21 @@ impl RedisServer {
         Self::start_on(dir, free_port(), false)
     }
 
+    /// A standalone server that requires `password` (`requirepass`).
+    pub fn start_with_password(dir: &Path, password: &str) -> RedisServer {
+        let port = free_port();
+        let dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut s = RedisServer { child: None, port, dir, cluster: false, password: Some(password.to_string()) };
+        s.restart();
+        s
+    }
+
     /// A server on `port` (e.g. the same port again after [`RedisServer::kill`]).
     pub fn start_on(dir: &Path, port: u16, cluster: bool) -> RedisServer {
         let dir = dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir).expect("redis dir");
-        let mut s = RedisServer { child: None, port, dir, cluster };
+        let mut s = RedisServer { child: None, port, dir, cluster, password: None };
         s.restart();
         s
     }
@@ -55,6 +67,9 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--protected-mode", "no"]);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
         if self.cluster {
             cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).args([
                 "--cluster-node-timeout",
@@ -90,7 +105,10 @@ impl RedisServer {
 
     /// Runs `redis-cli -p PORT args...` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        match &self.password {
+            Some(p) => cli(self.port, &[&["--no-auth-warning", "-a", p], args].concat()),
+            None => cli(self.port, args),
+        }
     }
 
     /// Every key this node holds.

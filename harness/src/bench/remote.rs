@@ -90,16 +90,22 @@ pub(crate) async fn remote_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) ->
             "1GiB",
             "--remote-writers",
             &writers,
+            "--remote-timeout-ms",
+            "10000",
         ];
         let server = Server::start(&socket, &dir.join(format!("remote-{name}.log")), &args).expect("start");
         (server, socket)
     };
-    let ((_a, socket_a), (_b, socket_b)) = (start("a", "4GiB"), start("b", "1GiB"));
+    let ((_a, socket_a), (_b, socket_b)) = (start("a", "3GiB"), start("b", "1GiB"));
     if !wait_listening(&socket_a, Duration::from_secs(60)) || !wait_listening(&socket_b, Duration::from_secs(60)) {
         return false;
     }
+    // The same client and limits as the coordinators' remote tier.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
     let raw = match redis::Client::open(url.as_str()) {
-        Ok(c) => c.get_connection_manager().await,
+        Ok(c) => c.get_connection_manager_with_config(config).await,
         Err(e) => Err(e),
     };
     let Ok(raw) = raw else { return false };
@@ -108,7 +114,9 @@ pub(crate) async fn remote_tier(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) ->
     let mut a = worker(&socket_a, 41).await;
     let (mut store, mut set, mut retrieve, mut get, mut lookup, mut exists) = (0.0, 0.0, 0.0, 0.0, vec![], vec![]);
     for round in 0..rounds {
-        // New prompts each round, so B's L1 misses every chunk.
+        // Redis holds one round at a time (memory), and new prompts each
+        // round keep B's L1 missing every chunk.
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut raw.clone()).await.expect("FLUSHALL");
         let hashes = prefix_hashes("bench-remote", 41, round, CHUNKS, 256);
         let placed = a.pick_blocks(CHUNKS, &[]);
         a.write_chunks(&hashes, &placed).expect("write the chunks' contents");
