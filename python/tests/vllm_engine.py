@@ -248,6 +248,8 @@ class WorkerState:
             "seconds": time.monotonic() - t0,
             "registrations": c.worker.stats.data["registrations"] + (stats.data["registrations"] if stats else 0),
             "reregistrations": c.worker.link.get().reregistrations if c.worker.link.get() else None,
+            "pending_stores": {r: len(t) for r, t in c.worker.stores.items()},
+            "finishing": set(c.worker.finishing),
         }
 
 
@@ -367,7 +369,12 @@ class Engine:
             taken.append(self.step())
             if until <= set(self.finished) and not self.scheduler.has_requests():
                 return taken
-        raise AssertionError(f"not done after {max_steps} steps: finished {sorted(self.finished)}")
+        last = self.steps[-1]
+        raise AssertionError(
+            f"not done after {max_steps} steps: finished {sorted(self.finished)}, scheduler holds "
+            f"{sorted(self.scheduler.requests)}, worker: stores pending {last['pending_stores']}, "
+            f"finishing {last['finishing']}"
+        )
 
     def close(self) -> None:
         try:
