@@ -13,9 +13,17 @@
 //! hello), 200k pipelined pings, lease expiry, the socket's mode and
 //! directory, client names in the log, the limits' flags.
 //!
+//! Access control is part of the matrix: another session's instance or
+//! another tenant's lease, privileged requests without the admin role, a
+//! missing or wrong token. Bad values are sent on the abuser's own instance
+//! (`Owned`), so they meet the check they are named after, not the
+//! ownership check; fault-injection cases connect with the admin token
+//! (`AsAdmin`).
+//!
 //! A new case is one entry of `abuse_cases!` at the end: its name (the
-//! behaviour), the server's extra flags, what the abuse must get, and the
-//! abuse (a request, raw bytes, or a script).
+//! behaviour), the server's extra flags (`$DIR` is the case's directory,
+//! where `tenants.toml`, `tenant-b.token` and `tcp.token` are written), what
+//! the abuse must get, and the abuse (a request, raw bytes, or a script).
 
 mod common;
 
@@ -30,6 +38,7 @@ use futures::future::LocalBoxFuture;
 use kvcoord_harness::{prefix_hashes, TpWorker};
 use kvcoord_memory::{CudaIpcLayer, Dtype, KvLayout, MemoryHandle};
 use kvcoord_transport::frame::{self, HEADER_BYTES};
+use kvcoord_transport::handshake::HandshakeError;
 use kvcoord_transport::*;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,6 +53,14 @@ const MODEL: &str = "test-model";
 /// The abuser's own engine.
 const OWN: InstanceKey = InstanceKey { engine: 0xBAD, rank: 0 };
 const UNKNOWN: InstanceKey = InstanceKey { engine: 0xDEAD, rank: 3 };
+/// The admin token of the cases that pass `--admin-token`.
+const ADMIN: &str = "abuse-admin-token-0123456789";
+/// Tenant `b`'s token (`$DIR/tenants.toml`), and the TCP token (`$DIR/tcp.token`).
+const TENANT_B: &str = "abuse-tenant-b-token-0123456789";
+const TCP_TOKEN: &str = "abuse-tcp-token-0123456789";
+/// Wrong tokens: one character off a real one.
+const WRONG_ADMIN: &str = "abuse-admin-token-012345678X";
+const WRONG_TCP: &str = "abuse-tcp-token-012345678X";
 /// Chunks per valid round (1 MiB each with `small_layout`).
 const ROUND_CHUNKS: usize = 2;
 
@@ -115,6 +132,11 @@ type Script = fn(Target) -> LocalBoxFuture<'static, Seen>;
 enum Abuse {
     /// One request on a fresh connection.
     Request(RequestBody),
+    /// One request on a fresh connection that first registered its own
+    /// instance `OWN` (`small_layout`, like the valid client's).
+    Owned(RequestBody),
+    /// One request on a fresh connection presenting the admin token.
+    AsAdmin(RequestBody),
     /// One request carrying these descriptors.
     WithFds(RequestBody, Vec<OwnedFd>),
     /// Raw bytes after a handshake.
@@ -128,6 +150,16 @@ impl Abuse {
     async fn run(self, t: Target) -> Seen {
         match self {
             Abuse::Request(body) => seen(open(&t).await.request(body, T, vec![]).await),
+            Abuse::Owned(body) => {
+                let c = open(&t).await;
+                scripts::register_own_small(&c).await;
+                seen(c.request(body, T, vec![]).await)
+            }
+            Abuse::AsAdmin(body) => {
+                let c = open_with_token(&t, ADMIN).await;
+                assert!(c.welcome().admin, "the admin token gives the admin role");
+                seen(c.request(body, T, vec![]).await)
+            }
             Abuse::WithFds(body, fds) => seen(open(&t).await.request(body, T, fds).await),
             Abuse::AfterHello(bytes) => {
                 let mut c = RawConn::handshaken(&t).await;
@@ -148,6 +180,20 @@ async fn open(t: &Target) -> Arc<Connection> {
     Connection::open(&t.endpoint, &ConnectOptions::default()).await.expect("connect")
 }
 
+async fn open_with_token(t: &Target, token: &str) -> Arc<Connection> {
+    let opts = ConnectOptions { token: Some(token.into()), ..ConnectOptions::default() };
+    Connection::open(&t.endpoint, &opts).await.expect("connect")
+}
+
+/// What a handshake got: a refusal is `Seen::Refused`.
+fn handshake_seen(r: Result<Arc<Connection>, ConnectError>) -> Seen {
+    match r {
+        Err(ConnectError::Handshake(HandshakeError::Refused(e))) => Seen::Refused(e),
+        Err(e) => Seen::Other(format!("connect failed otherwise: {e}")),
+        Ok(c) => Seen::Other(format!("welcomed: {:?}", c.welcome())),
+    }
+}
+
 /// A raw connection: frames as bytes, with descriptors when asked.
 struct RawConn(tokio::net::UnixStream);
 
@@ -158,7 +204,7 @@ impl RawConn {
 
     async fn handshaken(t: &Target) -> RawConn {
         let mut c = RawConn::connect(t).await;
-        c.send(&hello(PROTOCOL_VERSION)).await;
+        c.send(&hello(PROTOCOL_VERSION, None)).await;
         match c.frame().await {
             Some(ServerFrame::Welcome(_)) => c,
             other => panic!("no welcome: {other:?}"),
@@ -231,8 +277,9 @@ impl RawConn {
 
 // -- Bytes and bodies.
 
-fn hello(protocol: u32) -> Vec<u8> {
-    frame::encode(&ClientFrame::Hello(Hello { protocol, client: "abuse".into(), token: None }), 0, 1 << 20).unwrap()
+fn hello(protocol: u32, token: Option<&str>) -> Vec<u8> {
+    let token = token.map(String::from);
+    frame::encode(&ClientFrame::Hello(Hello { protocol, client: "abuse".into(), token }), 0, 1 << 20).unwrap()
 }
 
 fn request_frame(body: RequestBody, deadline_ms: u32, fds: u8) -> Vec<u8> {
@@ -301,6 +348,20 @@ fn register(
     RequestBody::Register(RegisterKvCache { instance, model: model.into(), world_size, layout, memory, secret: None })
 }
 
+/// A register of `instance` with `small_layout` on host memory, presenting `secret`.
+fn register_small(instance: InstanceKey, secret: Option<InstanceSecret>) -> RequestBody {
+    let size = small().total_bytes();
+    let memory = MemoryHandle::HostFd { size };
+    RequestBody::Register(RegisterKvCache {
+        instance,
+        model: MODEL.into(),
+        world_size: 1,
+        layout: small(),
+        memory,
+        secret,
+    })
+}
+
 /// A register of the abuser's own instance with `layout` on host memory
 /// declared as `size` bytes.
 fn register_own(layout: KvLayout, size: u64) -> RequestBody {
@@ -340,6 +401,85 @@ mod scripts {
         (layout, size)
     }
 
+    /// Registers the abuser's own instance on `c` with `small_layout` (256
+    /// blocks of 16 tokens, like the valid client's).
+    pub async fn register_own_small(c: &Connection) {
+        let r = request_on(c, register_small(OWN, None), vec![memfd(small().total_bytes())]).await;
+        assert!(matches!(r, Ok(ReplyBody::Registered { already: false, .. })), "{r:?}");
+    }
+
+    /// A lease on the valid client's first round (2 chunks every worker has
+    /// stored), taken by a default-tenant session on `c`.
+    pub async fn lease_on_the_first_round(c: &Connection) -> Result<LeaseId, Seen> {
+        let chunks = prefix_hashes(MODEL, VALID.engine, 1, ROUND_CHUNKS, 256);
+        let body = RequestBody::LookupModel(LookupByModel { model: MODEL.into(), world_size: 1, chunks, lease: true });
+        match request_on(c, body, vec![]).await {
+            Ok(ReplyBody::Found { chunks: 2, lease: Some(l) }) => Ok(l),
+            other => Err(Seen::Other(format!("no lease: {other:?}"))),
+        }
+    }
+
+    /// Tenant `b` retrieves into its own instance with a default-tenant lease.
+    pub fn retrieve_with_another_tenants_lease(t: Target) -> LocalBoxFuture<'static, Seen> {
+        Box::pin(async move {
+            let taker = open(&t).await;
+            let lease = match lease_on_the_first_round(&taker).await {
+                Ok(l) => l,
+                Err(s) => return s,
+            };
+            let b = open_with_token(&t, TENANT_B).await;
+            register_own_small(&b).await;
+            let chunks = prefix_hashes(MODEL, VALID.engine, 1, ROUND_CHUNKS, 256);
+            let body = RequestBody::Retrieve(RetrieveChunks {
+                instance: OWN,
+                chunks,
+                block_ids: (0..32).collect(),
+                lease: Some(lease),
+                done_event: None,
+            });
+            seen(request_on(&b, body, vec![]).await)
+        })
+    }
+
+    /// Tenant `b` releases a default-tenant lease.
+    pub fn release_another_tenants_lease(t: Target) -> LocalBoxFuture<'static, Seen> {
+        Box::pin(async move {
+            let taker = open(&t).await;
+            let lease = match lease_on_the_first_round(&taker).await {
+                Ok(l) => l,
+                Err(s) => return s,
+            };
+            let b = open_with_token(&t, TENANT_B).await;
+            seen(request_on(&b, RequestBody::ReleaseLease { lease }, vec![]).await)
+        })
+    }
+
+    /// The server's TCP endpoint, as its status tells it.
+    async fn tcp_endpoint(t: &Target) -> Endpoint {
+        let c = open(t).await;
+        let all = match request_on(&c, RequestBody::Status, vec![]).await {
+            Ok(ReplyBody::Status(r)) => r.endpoints,
+            other => panic!("status: {other:?}"),
+        };
+        let tcp = all.iter().find_map(|e| e.strip_prefix("tcp://")).expect("a TCP endpoint");
+        Endpoint::Tcp(tcp.to_string())
+    }
+
+    pub fn tcp_hello_without_a_token(t: Target) -> LocalBoxFuture<'static, Seen> {
+        Box::pin(async move {
+            let tcp = tcp_endpoint(&t).await;
+            handshake_seen(Connection::open(&tcp, &ConnectOptions::default()).await)
+        })
+    }
+
+    pub fn tcp_hello_with_a_wrong_token(t: Target) -> LocalBoxFuture<'static, Seen> {
+        Box::pin(async move {
+            let tcp = tcp_endpoint(&t).await;
+            let opts = ConnectOptions { token: Some(WRONG_TCP.into()), ..ConnectOptions::default() };
+            handshake_seen(Connection::open(&tcp, &opts).await)
+        })
+    }
+
     pub fn requests_after_unregister(t: Target) -> LocalBoxFuture<'static, Seen> {
         Box::pin(async move {
             let c = open(&t).await;
@@ -374,13 +514,9 @@ mod scripts {
     pub fn release_a_lease_twice(t: Target) -> LocalBoxFuture<'static, Seen> {
         Box::pin(async move {
             let c = open(&t).await;
-            // The valid client's first round: 2 chunks every worker has stored.
-            let chunks = prefix_hashes(MODEL, VALID.engine, 1, ROUND_CHUNKS, 256);
-            let body =
-                RequestBody::LookupModel(LookupByModel { model: MODEL.into(), world_size: 1, chunks, lease: true });
-            let lease = match request_on(&c, body, vec![]).await {
-                Ok(ReplyBody::Found { chunks: 2, lease: Some(l) }) => l,
-                other => return Seen::Other(format!("no lease to release: {other:?}")),
+            let lease = match lease_on_the_first_round(&c).await {
+                Ok(l) => l,
+                Err(s) => return s,
             };
             let r = request_on(&c, RequestBody::ReleaseLease { lease }, vec![]).await;
             assert!(matches!(r, Ok(ReplyBody::LeaseReleased)), "{r:?}");
@@ -465,7 +601,7 @@ mod scripts {
     pub fn request_cut_off_by_a_half_close(t: Target) -> LocalBoxFuture<'static, Seen> {
         Box::pin(async move {
             let mut c = RawConn::handshaken(&t).await;
-            let f = request_frame(store(VALID, 1, ids(BPC, 0)), 5000, 0);
+            let f = request_frame(store(OWN, 1, ids(BPC, 0)), 5000, 0);
             c.send(&f[..f.len() / 2]).await;
             c.0.shutdown().await.unwrap();
             c.outcome().await
@@ -505,18 +641,6 @@ mod scripts {
             all_same(&mut conns).await
         })
     }
-
-    pub fn store_with_a_ready_event_on_host_memory(t: Target) -> LocalBoxFuture<'static, Seen> {
-        Box::pin(async move {
-            let body = RequestBody::Store(StoreChunks {
-                instance: VALID,
-                chunks: hashes(1, 99),
-                block_ids: (200..216).collect(),
-                ready_event: Some(vec![0; 64]),
-            });
-            seen(open(&t).await.request(body, T, vec![]).await)
-        })
-    }
 }
 
 // -- The valid client, and one case's run.
@@ -547,13 +671,30 @@ impl ValidClient {
     }
 }
 
+/// Writes the cases' credentials into `dir`: tenant `b` in `tenants.toml`
+/// with its token file, and the TCP token file (each 0600).
+fn write_credentials(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = |name: &str, token: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let b = secret("tenant-b.token", TENANT_B);
+    secret("tcp.token", TCP_TOKEN);
+    std::fs::write(dir.join("tenants.toml"), format!("[[tenants]]\nname = \"b\"\ntoken_file = {b:?}\n")).unwrap();
+}
+
 /// Runs one case: a server with `flags`, a valid client served before,
 /// during and after the abuse, the abuse's exact answer, descriptors back.
 async fn run_case(case: &str, flags: &[&str], expect: Expect, abuse: Abuse) {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--grace-ms", "100", "--backend", "host"];
-    args.extend_from_slice(flags);
-    let server = ServerProcess::start(dir.path(), &args);
+    write_credentials(dir.path());
+    let at = dir.path().to_str().unwrap();
+    let mut args: Vec<String> = ["--grace-ms", "100", "--backend", "host"].map(String::from).to_vec();
+    args.extend(flags.iter().map(|f| f.replace("$DIR", at)));
+    let server = ServerProcess::start(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     let target = Target { socket: server.socket.clone(), endpoint: server.endpoint() };
     let mut valid = ValidClient::start(&server).await;
     valid.round(case, "before").await;
@@ -601,7 +742,7 @@ macro_rules! abuse_cases {
     };
 }
 
-use Abuse::{AfterHello, First, Request as Req, Script as Run, WithFds};
+use Abuse::{AfterHello, AsAdmin, First, Owned, Request as Req, Script as Run, WithFds};
 
 abuse_cases! {
     // Frames after the handshake: each gets `Undecodable` and a close.
@@ -615,7 +756,7 @@ abuse_cases! {
     request_with_an_unknown_body_variant: [] => Undecodable(InvalidArgument),
         // ClientFrame::Request, id 1, deadline 5, body variant 99.
         AfterHello(raw_frame(&[1, 1, 5, 99], 0));
-    hello_after_the_handshake: [] => Undecodable(InvalidArgument), AfterHello(hello(PROTOCOL_VERSION));
+    hello_after_the_handshake: [] => Undecodable(InvalidArgument), AfterHello(hello(PROTOCOL_VERSION, None));
     frame_declaring_a_descriptor_it_does_not_carry: [] => Undecodable(InvalidArgument),
         AfterHello(request_frame(RequestBody::Ping, 5000, 1));
     frame_declaring_five_descriptors_after_the_handshake: [] => Undecodable(InvalidArgument),
@@ -637,8 +778,14 @@ abuse_cases! {
         AfterHello(request_frame(RequestBody::Ping, u32::MAX, 0));
 
     // The handshake.
-    hello_with_protocol_version_2: [] => Refused(ProtocolMismatch), First(hello(2));
-    hello_with_protocol_version_u32_max: [] => Refused(ProtocolMismatch), First(hello(u32::MAX));
+    hello_with_protocol_version_2: [] => Refused(ProtocolMismatch), First(hello(2, None));
+    hello_with_protocol_version_u32_max: [] => Refused(ProtocolMismatch), First(hello(u32::MAX, None));
+    socket_hello_with_a_wrong_token_is_refused: ["--admin-token", ADMIN] => Refused(Unauthorized),
+        First(hello(PROTOCOL_VERSION, Some(WRONG_ADMIN)));
+    tcp_hello_without_a_token_is_refused: ["--tcp", "127.0.0.1:0", "--token-file", "$DIR/tcp.token"] => Refused(Unauthorized),
+        Run(scripts::tcp_hello_without_a_token);
+    tcp_hello_with_a_wrong_token_is_refused: ["--tcp", "127.0.0.1:0", "--token-file", "$DIR/tcp.token"] => Refused(Unauthorized),
+        Run(scripts::tcp_hello_with_a_wrong_token);
 
     // Connection floods.
     a_flood_of_200_idle_connections_is_closed_with_timeout: ["--idle-timeout-ms", "1000"] => Refused(Timeout),
@@ -674,31 +821,49 @@ abuse_cases! {
             device_uuid: [1; 16],
             layers: vec![CudaIpcLayer { handle: vec![0; 64], offset: 0, size: 1 << 22 }; 4],
         }));
-    register_the_valid_clients_instance_with_another_layout: [] => Error(LayoutMismatch),
-        WithFds(register(VALID, 1, MODEL, KvLayout::mla(2, 32, 16, 512, Dtype::Bf16), MemoryHandle::HostFd { size: 1 << 20 }), vec![memfd(1 << 20)]);
+    register_a_registered_instance_again_with_another_layout: [] => Error(LayoutMismatch),
+        Owned(register(OWN, 1, MODEL, KvLayout::mla(2, 32, 16, 512, Dtype::Bf16), MemoryHandle::HostFd { size: 1 << 20 }));
     register_the_same_memory_twice_is_idempotent: [] => Reply("Registered { already: true }", |b| matches!(b, ReplyBody::Registered { already: true, .. })),
         Run(scripts::register_twice_with_the_same_memory);
 
     // Store and retrieve.
     store_on_an_unknown_instance: [] => Error(NotRegistered), Req(store(UNKNOWN, 1, ids(BPC, 0)));
-    store_with_no_chunks: [] => Error(InvalidArgument), Req(store(VALID, 0, vec![]));
-    store_with_block_ids_past_the_end: [] => Error(InvalidArgument), Req(store(VALID, 1, ids(BPC, 256)));
-    store_with_u32_max_block_ids: [] => Error(InvalidArgument), Req(store(VALID, 1, ids(BPC, u32::MAX)));
-    store_with_too_few_block_ids: [] => Error(InvalidArgument), Req(store(VALID, 2, ids(BPC, 0)));
-    store_with_4097_chunks: [] => Error(InvalidArgument), Req(store(VALID, 4097, ids(4097 * BPC, 0)));
-    store_with_a_ready_event_on_host_memory: [] => Error(InvalidArgument), Run(scripts::store_with_a_ready_event_on_host_memory);
+    store_with_no_chunks: [] => Error(InvalidArgument), Owned(store(OWN, 0, vec![]));
+    store_with_block_ids_past_the_end: [] => Error(InvalidArgument), Owned(store(OWN, 1, ids(BPC, 256)));
+    store_with_u32_max_block_ids: [] => Error(InvalidArgument), Owned(store(OWN, 1, ids(BPC, u32::MAX)));
+    store_with_too_few_block_ids: [] => Error(InvalidArgument), Owned(store(OWN, 2, ids(BPC, 0)));
+    store_with_4097_chunks: [] => Error(InvalidArgument), Owned(store(OWN, 4097, ids(4097 * BPC, 0)));
+    store_with_a_ready_event_on_host_memory: [] => Error(InvalidArgument),
+        Owned(RequestBody::Store(StoreChunks { instance: OWN, chunks: hashes(1, 99), block_ids: (200..216).collect(), ready_event: Some(vec![0; 64]) }));
     retrieve_from_an_unknown_instance: [] => Error(NotRegistered), Req(retrieve(UNKNOWN, 1, ids(BPC, 0), None));
-    retrieve_with_no_chunks: [] => Error(InvalidArgument), Req(retrieve(VALID, 0, vec![], None));
-    retrieve_into_block_ids_past_the_end: [] => Error(InvalidArgument), Req(retrieve(VALID, 1, ids(BPC, 1 << 20), None));
+    retrieve_with_no_chunks: [] => Error(InvalidArgument), Owned(retrieve(OWN, 0, vec![], None));
+    retrieve_into_block_ids_past_the_end: [] => Error(InvalidArgument), Owned(retrieve(OWN, 1, ids(BPC, 1 << 20), None));
     retrieve_chunks_never_stored_finds_them_missing: [] => Reply("Retrieved([Missing])", |b| matches!(b, ReplyBody::Retrieved(o) if o == &[RetrieveOutcome::Missing])),
-        Req(retrieve(VALID, 1, (240..256).collect(), None));
+        Owned(retrieve(OWN, 1, (240..256).collect(), None));
     retrieve_with_a_lease_that_never_existed: [] => Reply("Retrieved([Missing; 2])", |b| matches!(b, ReplyBody::Retrieved(o) if o == &[RetrieveOutcome::Missing; 2])),
-        Req(retrieve(VALID, 2, (224..256).collect(), Some(LeaseId(0x1234_5678))));
+        Owned(retrieve(OWN, 2, (224..256).collect(), Some(LeaseId(0x1234_5678))));
+
+    // Another session's instance (the valid client's): every action on it is denied.
+    store_from_another_sessions_instance_is_denied: [] => Error(PermissionDenied), Req(store(VALID, 1, (200..216).collect()));
+    retrieve_into_another_sessions_instance_is_denied: [] => Error(PermissionDenied),
+        Req(retrieve(VALID, 1, (240..256).collect(), None));
+    lookup_with_a_lease_on_another_sessions_instance_is_denied: [] => Error(PermissionDenied), Req(lookup(VALID, 1));
+    unregister_another_sessions_instance_is_denied: [] => Error(PermissionDenied), Req(RequestBody::Unregister { instance: VALID });
+    register_another_sessions_instance_key_is_denied: [] => Error(PermissionDenied),
+        WithFds(register_small(VALID, None), vec![memfd(small().total_bytes())]);
+    register_another_sessions_instance_key_with_a_made_up_secret_is_denied: [] => Error(PermissionDenied),
+        WithFds(register_small(VALID, Some(InstanceSecret([7; 16]))), vec![memfd(small().total_bytes())]);
+
+    // Another tenant's lease.
+    retrieve_with_another_tenants_lease_is_denied: ["--config", "$DIR/tenants.toml"] => Error(PermissionDenied),
+        Run(scripts::retrieve_with_another_tenants_lease);
+    release_another_tenants_lease_is_denied: ["--config", "$DIR/tenants.toml"] => Error(PermissionDenied),
+        Run(scripts::release_another_tenants_lease);
 
     // Lookups and leases.
     lookup_on_an_unknown_instance: [] => Error(NotRegistered), Req(lookup(UNKNOWN, 1));
-    lookup_with_no_chunks: [] => Error(InvalidArgument), Req(lookup(VALID, 0));
-    lookup_with_4097_chunks: [] => Error(InvalidArgument), Req(lookup(VALID, 4097));
+    lookup_with_no_chunks: [] => Error(InvalidArgument), Owned(lookup(OWN, 0));
+    lookup_with_4097_chunks: [] => Error(InvalidArgument), Owned(lookup(OWN, 4097));
     lookup_model_of_an_unknown_model_finds_nothing: [] => Reply("Found { 0, no lease }", |b| matches!(b, ReplyBody::Found { chunks: 0, lease: None })),
         Req(lookup_model("no-such-model", 8));
     lookup_model_with_a_1_mib_model_name_finds_nothing: [] => Reply("Found { 0, no lease }", |b| matches!(b, ReplyBody::Found { chunks: 0, lease: None })),
@@ -714,11 +879,19 @@ abuse_cases! {
     requests_after_unregister_are_not_registered: [] => Error(NotRegistered), Run(scripts::requests_after_unregister);
     unregister_twice: [] => Error(NotRegistered), Run(scripts::unregister_twice);
 
-    // Fault injection.
-    inject_a_fault_without_fault_injection_enabled: [] => Error(Unauthorized),
+    // Privileged requests without the admin role.
+    clear_without_the_admin_role_is_denied: ["--admin-token", ADMIN] => Error(PermissionDenied), Req(RequestBody::Clear);
+    inject_a_fault_without_the_admin_role_is_denied: ["--fault-injection", "--admin-token", ADMIN] => Error(PermissionDenied),
         Req(RequestBody::InjectFault(FaultTarget::Instance(VALID)));
-    inject_a_fault_into_a_copy_lane_that_does_not_exist: ["--fault-injection"] => Error(InvalidArgument),
-        Req(RequestBody::InjectFault(FaultTarget::CopyLane(u32::MAX)));
-    inject_a_fault_into_an_unknown_instance: ["--fault-injection"] => Error(NotRegistered),
-        Req(RequestBody::InjectFault(FaultTarget::Instance(UNKNOWN)));
+    status_without_the_admin_role_hides_the_instances: ["--admin-token", ADMIN] => Reply("Status, instances hidden",
+        |b| matches!(b, ReplyBody::Status(r) if r.instances.is_empty() && r.instances_hidden && r.stats.instances == 1)),
+        Req(RequestBody::Status);
+
+    // Fault injection, as the admin.
+    inject_a_fault_without_fault_injection_enabled: ["--admin-token", ADMIN] => Error(Unauthorized),
+        AsAdmin(RequestBody::InjectFault(FaultTarget::Instance(VALID)));
+    inject_a_fault_into_a_copy_lane_that_does_not_exist: ["--fault-injection", "--admin-token", ADMIN] => Error(InvalidArgument),
+        AsAdmin(RequestBody::InjectFault(FaultTarget::CopyLane(u32::MAX)));
+    inject_a_fault_into_an_unknown_instance: ["--fault-injection", "--admin-token", ADMIN] => Error(NotRegistered),
+        AsAdmin(RequestBody::InjectFault(FaultTarget::Instance(UNKNOWN)));
 }
