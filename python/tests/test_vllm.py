@@ -220,7 +220,10 @@ def test_the_coordinator_restarting_while_serving_costs_misses_never_a_hang_or_a
     done = a.run({"p", "p2", "q"}) + b.run({"late", "lost"})
     assert max(s["seconds"] for s in a.steps + b.steps) < deadline_s + 1.0, "no step waits past its deadline"
     dropped = stat(a, "stores_dropped") + stat(a, "store_errors")
-    assert dropped == 2, "q's first two chunks were in flight when the coordinator died"
+    # q's first two chunks were in flight when the coordinator died; its last
+    # two are stored, or dropped too if the client had not reconnected yet.
+    assert dropped >= 2, "q's first two chunks were in flight when the coordinator died"
+    assert dropped + stat(a, "stored_chunks") == 3 + 3 + 4, "every chunk of p, p2 and q is stored or dropped"
     assert set(b.finished) == {"late", "lost"} and set(a.finished) == {"p", "p2", "q"} and done
     assert b.finished["late"][0] == a.finished["p"][0], "the recomputed request came out the same"
 

@@ -361,17 +361,21 @@ class Engine:
         self.steps.append(res)
         return res
 
-    def run(self, until: set[str], max_steps: int = 200) -> list[dict[str, Any]]:
+    def run(self, until: set[str], max_seconds: float = 60.0) -> list[dict[str, Any]]:
         """Steps until every request in `until` finished and the scheduler
-        holds no request (blocks kept for stores are given back too)."""
+        holds no request (blocks kept for stores are given back too, which
+        may wait for a store's deadline)."""
         taken = []
-        for _ in range(max_steps):
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline:
             taken.append(self.step())
             if until <= set(self.finished) and not self.scheduler.has_requests():
                 return taken
+            if not taken[-1]["scheduled"]:
+                time.sleep(0.005)  # only stores in flight: let them end
         last = self.steps[-1]
         raise AssertionError(
-            f"not done after {max_steps} steps: finished {sorted(self.finished)}, scheduler holds "
+            f"not done after {max_seconds} s: finished {sorted(self.finished)}, scheduler holds "
             f"{sorted(self.scheduler.requests)}, worker: stores pending {last['pending_stores']}, "
             f"finishing {last['finishing']}"
         )
