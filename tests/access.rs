@@ -402,7 +402,8 @@ async fn a_tenant_over_its_quota_loses_its_own_oldest_chunks_and_nobody_elses() 
     );
     let mut b = worker_with_token(&server, 0x2b, 0, 1, &b_token).await;
     let hb = prefix_hashes("test-model", 6, 0, 4, 256);
-    b.store_prefix(&hb).await.unwrap();
+    let (_, outcomes) = b.store_prefix(&hb).await.unwrap();
+    assert!(outcomes.iter().all(|o| *o == kvcoord_transport::StoreOutcome::Stored), "b's stores: {outcomes:?}");
     let mut a = worker_with_token(&server, 0x2a, 0, 1, &a_token).await;
     let ha = prefix_hashes("test-model", 7, 0, 6, 256);
     for chunk in ha.chunks(2) {
