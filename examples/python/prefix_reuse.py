@@ -355,6 +355,7 @@ def main() -> int:
         if server is not None:
             server.kill()
             server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"shape: {args.shape} ({args.dtype}) on {args.device}, prompt {b['prompt_tokens']} tokens")
     print(f"tokens reused: {b['reused_tokens']} of {b['prompt_tokens']} (A stored {a['stored_chunks']} chunks)")
     rounds = f" (median of {b['rounds']})" if b["rounds"] > 1 else ""
